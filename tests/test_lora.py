@@ -1,0 +1,145 @@
+"""The maths of one LoRA layer: identity at init, merge/unmerge, gradients, counts."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit import LoraError, LoRALinear
+
+
+def _layer(d_in=16, d_out=12, r=4, **kw) -> LoRALinear:
+    return LoRALinear(nn.Linear(d_in, d_out), r=r, alpha=8, **kw)
+
+
+def test_fresh_adapter_is_identity():
+    layer = _layer()
+    x = torch.randn(3, 16)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert torch.count_nonzero(layer.lora_A.weight) > 0
+
+
+def test_forward_is_base_plus_scaled_BA():
+    layer = _layer()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 16)
+    W = layer.base_layer.weight
+    expected = x @ (W + 2.0 * layer.lora_B.weight @ layer.lora_A.weight).T + layer.base_layer.bias
+    assert layer.scaling == 2.0
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rslora_scaling():
+    assert _layer(r=4, use_rslora=True).scaling == 8 / math.sqrt(4)
+    assert _layer(r=4).scaling == 8 / 4
+
+
+def test_merge_with_hand_set_weights():
+    layer = LoRALinear(nn.Linear(3, 2, bias=False), r=1, alpha=2)  # scaling 2
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A.weight.copy_(torch.tensor([[1.0, 0.0, 2.0]]))
+        layer.lora_B.weight.copy_(torch.tensor([[1.0], [3.0]]))
+    layer.merge()
+    expected = torch.tensor([[2.0, 0.0, 4.0], [6.0, 0.0, 12.0]])
+    assert torch.equal(layer.base_layer.weight, expected)
+
+
+def test_merge_unmerge_roundtrip_and_idempotence():
+    layer = _layer()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 16)
+    before = layer(x)
+    w0 = layer.base_layer.weight.clone()
+    layer.merge()
+    layer.merge()  # no double add
+    assert layer.merged
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight(), atol=1e-6, rtol=0)
+    layer.unmerge()
+    layer.unmerge()
+    assert not layer.merged
+    assert (layer.base_layer.weight - w0).abs().max() <= 1e-6
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_nan():
+    layer = _layer()
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(float("nan"))
+    with pytest.raises(LoraError, match="NaN"):
+        layer.merge()
+    assert not layer.merged
+
+
+def test_gaussian_init_std():
+    layer = LoRALinear(nn.Linear(4096, 8), r=4, alpha=4, init="gaussian")
+    assert abs(layer.lora_A.weight.std().item() - 1 / 4) < 0.01
+
+
+def test_unknown_init_is_an_error():
+    with pytest.raises(LoraError, match="init"):
+        _layer(init="pissa")
+
+
+def test_conv1d_fan_in_fan_out():
+    conv = Conv1D(12, 16)  # (d_in=16, d_out=12), weight stored as (16, 12)
+    layer = LoRALinear(conv, r=4, alpha=8, fan_in_fan_out=True)
+    assert (layer.in_features, layer.out_features) == (16, 12)
+    assert layer.lora_A.weight.shape == (4, 16) and layer.lora_B.weight.shape == (12, 4)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 16)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_zero_never_calls_dropout(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("dropout called")
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", boom)
+    layer = _layer(dropout=0.0).train()
+    layer(torch.randn(2, 16))  # no call
+    with pytest.raises(AssertionError, match="dropout called"):
+        _layer(dropout=0.1).train()(torch.randn(2, 16))
+
+
+def test_dropout_only_in_training():
+    layer = _layer(dropout=0.5)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(8, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_slices_write_only_their_rows():
+    rows = [torch.arange(0, 4), torch.arange(8, 12)]  # q and v of a fused [q|k|v] of 12
+    layer = LoRALinear(nn.Linear(16, 12), r=2, alpha=4, out_slices=rows)
+    assert layer.lora_A.weight.shape == (4, 16) and layer.lora_B.weight.shape == (8, 2)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16)
+    diff = (layer(x) - layer.base_layer(x)).abs().sum(0)
+    assert torch.all(diff[4:8] == 0) and torch.all(diff[:4] > 0) and torch.all(diff[8:] > 0)
+    delta = layer.delta_weight()
+    assert torch.count_nonzero(delta[4:8]) == 0
+    # Each slice's block is its own B_i·A_i: slice 0 never sees slice 1's A rows.
+    expected_v = layer.scaling * layer.lora_B.weight[4:] @ layer.lora_A.weight[2:]
+    torch.testing.assert_close(delta[8:], expected_v)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("d_in", "d_out", "r", "expected"), [(100, 100, 1, 200), (512, 64, 8, 4608)])
+def test_parameter_count_formula(d_in, d_out, r, expected):
+    layer = LoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=r)
+    n = sum(p.numel() for p in (layer.lora_A.weight, layer.lora_B.weight))
+    assert n == expected == r * (d_in + d_out)
+    if (d_in, d_out) == (512, 64):
+        assert round(1 - n / (d_in * d_out), 2) == 0.86  # the seeds' 86% reduction
