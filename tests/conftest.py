@@ -81,3 +81,78 @@ def arch(request) -> str:
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+# --- tiny on-disk models with a byte-level tokenizer, for end-to-end runs -------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A fast byte-level tokenizer (256 bytes + 3 specials) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core)
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "pad_token": "<pad>"})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_model(path, arch: str = "llama", hidden: int = 64) -> str:
+    """A tiny random ``arch`` model and the byte tokenizer, saved as a local checkpoint."""
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=2 * hidden, vocab_size=len(tok), max_position_embeddings=256,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """Tiny prompt/completion rows with a learnable pattern."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"question": f"{a}+{b}=", "answer": str(a + b)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def tiny_config(tmp_path, model_dir: str, **training) -> dict:
+    """A complete raw config for a few-second CPU run on the tiny model."""
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(64))
+    val = write_jsonl(tmp_path / "val.jsonl", arithmetic_rows(16, seed=1))
+    return {
+        "model": {"name_or_path": model_dir},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q", "v"]},
+        "data": {"train": train, "validation": val, "prompt_template": "{question}",
+                 "completion_field": "answer", "max_length": 32},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4,
+                     "lr": 1e-2, "log_every": 1, "seed": 0, **training},
+    }

@@ -1,0 +1,5 @@
+"""python -m lorakit"""
+
+from lorakit.cli import app
+
+app()

