@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test
+.PHONY: install test demo
 
 install: $(STAMP)
 
@@ -17,3 +17,7 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# The quickstart: LoRA on the embedded SmolLM2-135M-Instruct, Debian synopsis data, CPU.
+demo: install
+	$(VENV)/bin/lorakit train configs/quickstart.yaml

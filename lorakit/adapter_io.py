@@ -75,7 +75,7 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
             # Keep alpha/r (or alpha/sqrt(r)) unchanged at rank k·r.
             rank_pattern[re.escape(name)] = k * module.r
             alpha_pattern[re.escape(name)] = module.alpha * (math.sqrt(k) if config.use_rslora else k)
-    base = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

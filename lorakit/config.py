@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lorakit.inject import LoraConfig
 
 DEFAULT_MODEL = "default"
+# Written beside every adapter (and merged model) so later commands reuse the run's settings.
+SAVED_CONFIG = "training_config.yaml"
 
 
 class ConfigError(ValueError):
@@ -228,3 +230,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 def config_to_dict(config: Config) -> dict:
     """The fully resolved config as plain data (defaults included), ready for YAML/JSON."""
     return config.model_dump(mode="json")
+
+
+def read_saved_config(directory: str | os.PathLike) -> dict:
+    """The training config saved in an adapter or merged-model directory ({} if none)."""
+    path = Path(directory) / SAVED_CONFIG
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

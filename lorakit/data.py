@@ -41,9 +41,14 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     return datasets.load_dataset(source, split=split)
 
 
+def _present(row: dict) -> str:
+    # datasets fills a column missing from some rows with None
+    return ", ".join(k for k, v in row.items() if v is not None)
+
+
 def _field(row: dict, name: str, index: int, source: str) -> str:
-    if name not in row:
-        raise DataError(f"{source}, row {index}: no field {name!r} (the row has {', '.join(row)})")
+    if row.get(name) is None:
+        raise DataError(f"{source}, row {index}: no field {name!r} (the row has {_present(row)})")
     return str(row[name])
 
 
@@ -89,11 +94,11 @@ def render(row: dict, cfg: DataConfig, tokenizer, index: int = 0, source: str = 
         completion = _field(row, "output", index, source)
     else:
         try:
-            prompt = cfg.prompt_template.format(**row)
+            prompt = cfg.prompt_template.format(**{k: v for k, v in row.items() if v is not None})
         except KeyError as e:
             raise DataError(
                 f"{source}, row {index}: prompt_template uses field {e.args[0]!r}, "
-                f"which the row lacks (it has {', '.join(row)})"
+                f"which the row lacks (it has {_present(row)})"
             ) from None
         completion = _field(row, cfg.completion_field, index, source)
     if cfg.chat_template:

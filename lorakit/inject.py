@@ -307,18 +307,28 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload_lora(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put plain layers back: the model transformers knows.
-
-    4-bit layers come back as dense layers holding the dequantized weight plus the update.
-    """
+def _replace_wrappers(model: nn.Module, merge: bool) -> nn.Module:
     modules = dict(model.named_modules())
     for name, module in lora_modules(model).items():
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, module.merged_linear())
+        plain = module.merged_linear() if merge else module.base_layer
+        if not merge and module.merged:
+            module.unmerge()
+        setattr(modules[parent_name] if parent_name else model, child, plain)
     for attr in ("lorakit_config", "lorakit_slices"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
 
 
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put plain layers back: the model transformers knows.
+
+    4-bit layers come back as dense layers holding the dequantized weight plus the update.
+    """
+    return _replace_wrappers(model, merge=True)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take the adapters out without merging: the base model as it was."""
+    return _replace_wrappers(model, merge=False)

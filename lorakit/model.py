@@ -128,7 +128,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
     if cfg.name_or_path == DEFAULT_MODEL:
-        model.config._name_or_path = DEFAULT_HUB_ID
+        # Adapters name their base; the hub id is what PEFT and serving engines can fetch.
+        model.config._name_or_path = model.name_or_path = DEFAULT_HUB_ID
     if quant is not None:
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16):

@@ -22,12 +22,10 @@ from transformers import get_scheduler
 from lorakit import report
 from lorakit.adapter_io import save_adapter
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from lorakit.config import Config, TrainingConfig, config_to_dict
+from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import IGNORE, build_examples, collate, epoch_order
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.model import load_model, load_tokenizer
-
-CONFIG_NAME = "training_config.yaml"
 
 
 class TrainingError(RuntimeError):
@@ -93,7 +91,7 @@ def _write_final(out: Path, model, cfg: Config) -> Path:
     final, tmp = out / "adapter", out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp)
-    (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

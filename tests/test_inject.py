@@ -197,3 +197,17 @@ def test_wrappers_are_lora_linear_at_original_paths():
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
     names = {n for n, _ in model.named_parameters() if "lora_" in n}
     assert "model.layers.0.self_attn.q_proj.lora_A.weight" in names
+
+
+def test_remove_lora_restores_the_base(ids):
+    model = build("gpt2")
+    expected = logits(model, ids)
+    add_lora(model, LoraConfig(target_modules="all-linear"))
+    randomize_lora(model)
+    merge_lora(model)  # removal must take a merged update back out too
+    from lorakit.inject import remove_lora
+
+    remove_lora(model)
+    assert not lora_modules(model) and not hasattr(model, "lorakit_config")
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+    add_lora(model, LoraConfig())  # a fresh adapter can go on again

@@ -1,0 +1,200 @@
+"""``merge_adapters``: fold one or more adapters into the base and write a plain,
+verified transformers checkpoint.
+
+For an adapter trained on a 4-bit base (QLoRA), the default folds it into the
+NF4-dequantized weights: the function it was trained against. ``into="full-precision"``
+uses the original weights instead; the report gives the logit difference between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter_config
+from lorakit.config import SAVED_CONFIG, ModelConfig, read_saved_config
+from lorakit.inject import lora_modules, remove_lora
+from lorakit.model import DTYPES, load_model, load_tokenizer
+
+logger = logging.getLogger("lorakit")
+
+PROBES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Write the one-line synopsis of this Debian package.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+]
+# Max abs logit difference allowed, relative to the largest logit, per saved dtype.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+class MergeError(RuntimeError):
+    """A merge that cannot be done, or whose result failed verification."""
+
+
+@dataclass
+class MergeReport:
+    """What was written and how well it matches the adapter-on-base model."""
+
+    output: Path
+    dtype: str
+    max_abs_diff: float
+    tolerance: float
+    into: str | None = None
+    into_other_diff: float | None = None
+
+
+def base_model_config(adapter_dir: Path, base: str | None = None) -> ModelConfig:
+    """The adapter's base, in full precision: ``base``, else the training config's model,
+    else the adapter's ``base_model_name_or_path``."""
+    model = dict(read_saved_config(adapter_dir).get("model") or {})
+    if base is not None:
+        model = {"name_or_path": base, "trust_remote_code": model.get("trust_remote_code", False)}
+    elif not model:
+        named = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        if not named:
+            raise MergeError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
+        model = {"name_or_path": named}
+    model.update(quantization=None, dtype="float32", gradient_checkpointing=False)
+    return ModelConfig(**model)
+
+
+def nf4_roundtrip(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
+    """``weight`` as a 4-bit bitsandbytes layer sees it: quantized, then dequantized."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+def _quantizable(model) -> dict[str, torch.nn.Linear]:
+    """The layers transformers quantizes with bitsandbytes: every Linear but the output head."""
+    head = model.get_output_embeddings()
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+@torch.no_grad()
+def _probe_logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(PROBES, return_tensors="pt", padding=True)
+    out = model(**batch.to(model.device)).logits.float()
+    return out * batch["attention_mask"][..., None]
+
+
+def _swap_weights(layers: dict[str, torch.nn.Linear], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    previous = {}
+    for name, layer in layers.items():
+        previous[name] = layer.weight.data
+        layer.weight.data = weights[name]
+    return previous
+
+
+def _fold(model, weight: float) -> None:
+    """Add ``weight · scaling·B·A`` of the loaded adapter into the base weights, then
+    take the wrappers out."""
+    for module in lora_modules(model).values():
+        base = module.base_layer.weight
+        base.data = (base.data.float() + weight * module.delta_weight()).to(base.dtype)
+    remove_lora(model)
+
+
+def _prepare_output(output: Path, force: bool) -> Path:
+    if output.exists() and any(output.iterdir()) and not force:
+        raise MergeError(f"{output} exists and is not empty; pass --force to replace it")
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def merge_adapters(
+    adapters: list[Path],
+    output: Path,
+    base: str | None = None,
+    dtype: str | None = None,
+    into: str = "dequantized",
+    weights: list[float] | None = None,
+    force: bool = False,
+) -> MergeReport:
+    """Fold ``ΔW = Σ wᵢ·scalingᵢ·Bᵢ·Aᵢ`` into the base and write a verified checkpoint.
+
+    Args:
+        adapters: adapter directories (one, or several to combine).
+        output: the directory to write; it must be empty or absent unless ``force``.
+        base: the base model, when not the one the adapter names.
+        dtype: the saved dtype (``float32``/``bfloat16``/``float16``); default float32.
+        into: for QLoRA adapters, ``dequantized`` (the NF4 weights they were trained
+            against) or ``full-precision`` (the original weights).
+        weights: one weight per adapter (default 1 each).
+        force: replace a non-empty ``output``.
+
+    Raises:
+        MergeError: bad arguments, or a merged model whose logits differ from the
+            adapter-on-base model by more than the dtype's tolerance.
+    """
+    adapters = [Path(a) for a in adapters]
+    weights = weights or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise MergeError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if into not in ("dequantized", "full-precision"):
+        raise MergeError(f"--into {into!r}: choose dequantized or full-precision")
+    configs = [read_adapter_config(a)[0] for a in adapters]
+    if len(adapters) > 1 and any(c.modules_to_save or c.bias != "none" for c in configs):
+        raise MergeError("adapters that also train biases or modules_to_save cannot be combined")
+    output = Path(output)
+    tmp = _prepare_output(output, force)
+
+    model_cfg = base_model_config(adapters[0], base)
+    model = load_model(model_cfg).eval()
+    tokenizer = load_tokenizer(model_cfg)
+    quant = (read_saved_config(adapters[0]).get("model") or {}).get("quantization")
+    report_into, other_diff = None, None
+    if quant and quant.get("bits") == 4:
+        layers = _quantizable(model)
+        rounded = {n: nf4_roundtrip(m.weight.data, quant["quant_type"], quant["double_quant"]) for n, m in layers.items()}
+        original = {n: m.weight.data for n, m in layers.items()}
+        report_into = into
+        if into == "dequantized":
+            _swap_weights(layers, rounded)
+
+    for i, (adapter, weight) in enumerate(zip(adapters, weights)):
+        load_adapter(model, adapter)
+        if i == 0 and len(adapters) == 1:
+            reference = _probe_logits(model, tokenizer)
+            if report_into:
+                other = rounded if into == "full-precision" else original
+                mine = _swap_weights(layers, other)
+                other_diff = float((_probe_logits(model, tokenizer) - reference).abs().max())
+                _swap_weights(layers, mine)
+        untrained = [n for n, m in lora_modules(model).items() if not m.lora_B.weight.any()]
+        if untrained:
+            logger.warning("%s: %d adapted layers have B = 0 (never trained), e.g. %s", adapter, len(untrained), untrained[0])
+        _fold(model, weight)
+    if len(adapters) > 1:
+        reference = _probe_logits(model, tokenizer)
+
+    model.to(DTYPES[dtype])
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if (adapters[0] / SAVED_CONFIG).is_file():
+        shutil.copy(adapters[0] / SAVED_CONFIG, tmp / SAVED_CONFIG)  # eval and generate reuse its data format
+    del model
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+    diff = float((_probe_logits(merged, tokenizer) - reference).abs().max())
+    tolerance = TOLERANCE[dtype] * max(1.0, float(reference.abs().max()))
+    if not diff <= tolerance:
+        shutil.rmtree(tmp)
+        raise MergeError(f"verification failed: the merged model's logits differ from the adapter's by "
+                         f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype}); nothing was written")
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return MergeReport(output, dtype, diff, tolerance, report_into, other_diff)

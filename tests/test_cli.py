@@ -1,0 +1,68 @@
+"""The command line: help for newcomers, clean failures with exit codes, the train command."""
+
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config, write_jsonl
+from lorakit.cli import app
+
+runner = CliRunner()
+
+
+def _config(tmp_path, raw):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_help_for_every_command():
+    for args, expected in ([["--help"], "train"], [["train", "--help"], "--resume"],
+                           [["config", "show", "--help"], "fully resolved"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and expected in result.output
+    assert "--set" in runner.invoke(app, ["train", "--help"]).output
+
+
+def test_config_errors_exit_2_with_every_problem(tmp_path):
+    path = _config(tmp_path, {"lora": {"r": 0, "dropuot": 0.1}, "data": {"train": "nope.jsonl"},
+                              "training": {"max_steps": 1}})
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 2
+    assert "lora.r: must be > 0" in result.output
+    assert "lora.dropuot: unknown key; did you mean lora.dropout?" in result.output
+    missing = runner.invoke(app, ["train", str(tmp_path / "absent.yaml")])
+    assert missing.exit_code == 2 and "cannot read the config file" in missing.output
+
+
+def test_config_show_prints_resolved_config_with_overrides(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}])
+    path = _config(tmp_path, {"data": {"train": train}, "training": {"max_steps": 2}})
+    result = runner.invoke(app, ["config", "show", path, "--set", "lora.r=32"])
+    assert result.exit_code == 0
+    shown = yaml.safe_load(result.output)
+    assert shown["lora"]["r"] == 32 and shown["lora"]["alpha"] == 16
+    assert shown["model"]["name_or_path"] == "default" and shown["training"]["max_steps"] == 2
+
+
+def test_train_command_writes_adapter(tiny_model_dir, tmp_path):
+    path = _config(tmp_path, tiny_config(tmp_path, tiny_model_dir, max_steps=2))
+    result = runner.invoke(app, ["train", path, "--set", "training.max_steps=3"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss"' in line for line in metrics) == 3
+
+
+def test_data_errors_exit_1_with_the_row(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir)
+    raw["data"]["train"] = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1="}])
+    result = runner.invoke(app, ["train", _config(tmp_path, raw)])
+    assert result.exit_code == 1
+    assert "row 0: no field 'answer'" in result.output
+
+
+def test_wrong_target_exits_1_listing_layers(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir)
+    raw["lora"]["target_modules"] = ["query"]
+    result = runner.invoke(app, ["train", _config(tmp_path, raw)])
+    assert result.exit_code == 1 and "q_proj" in result.output and "'query'" in result.output

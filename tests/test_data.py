@@ -1,0 +1,96 @@
+"""Rendering and prompt masking: loss only where the config says, EOS always taught."""
+
+import pytest
+
+from conftest import byte_tokenizer, write_jsonl
+from lorakit.config import DataConfig
+from lorakit.data import IGNORE, DataError, build_examples, collate, epoch_order, render, tokenize
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def _trained_text(tok, example) -> str:
+    return tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
+
+
+def _example(tok, row, **cfg):
+    cfg = DataConfig(train="x.jsonl", **cfg)
+    return tokenize(render(row, cfg, tok), tok, cfg.max_length, cfg.train_on_prompt)
+
+
+def test_loss_only_on_completion_and_eos(tok):
+    ex = _example(tok, {"q": "2+2=", "a": "4"}, prompt_template="Q: {q} A: ", completion_field="a")
+    assert tok.decode(ex["input_ids"]) == "Q: 2+2= A: 4<|im_end|>"
+    assert _trained_text(tok, ex) == "4<|im_end|>"
+    assert ex["labels"][-1] == tok.eos_token_id
+
+
+def test_train_on_prompt_trains_everything(tok):
+    ex = _example(tok, {"q": "2+2=", "a": "4"}, prompt_template="{q}", completion_field="a", train_on_prompt=True)
+    assert ex["labels"] == ex["input_ids"]
+
+
+def test_chat_template_wraps_and_masks(tok):
+    ex = _example(tok, {"q": "hi", "a": "hello"}, prompt_template="{q}", completion_field="a", chat_template=True)
+    assert tok.decode(ex["input_ids"]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+    assert _trained_text(tok, ex) == "hello<|im_end|>\n"
+
+
+def test_chat_format_trains_every_assistant_turn(tok):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"}]
+    ex = _example(tok, {"messages": messages}, format="chat")
+    assert _trained_text(tok, ex) == "b<|im_end|>\nd<|im_end|>\n"
+
+
+def test_alpaca_and_text_formats(tok):
+    ex = _example(tok, {"instruction": "Add", "input": "1 2", "output": "3"}, format="alpaca")
+    text = tok.decode(ex["input_ids"])
+    assert "### Instruction:\nAdd" in text and "### Input:\n1 2" in text and text.endswith("### Response:\n3<|im_end|>")
+    assert _trained_text(tok, ex) == "3<|im_end|>"
+    no_input = tok.decode(_example(tok, {"instruction": "Hi", "output": "x"}, format="alpaca")["input_ids"])
+    assert "### Input" not in no_input
+    raw = _example(tok, {"text": "abc"}, format="text")
+    assert _trained_text(tok, raw) == "abc<|im_end|>"
+
+
+def test_missing_fields_name_row_and_field(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+    with pytest.raises(DataError, match=r"row 1: no field 'completion' \(the row has prompt\)"):
+        build_examples(DataConfig(train=path), tok)
+    with pytest.raises(DataError, match="prompt_template uses field 'question'"):
+        build_examples(DataConfig(train=path, prompt_template="{question}"), tok)
+    with pytest.raises(DataError, match="'messages' list"):
+        build_examples(DataConfig(train=path, format="chat"), tok)
+
+
+def test_truncated_away_completions_are_dropped(tok, tmp_path, caplog):
+    rows = [{"prompt": "x" * 50, "completion": "y"}, {"prompt": "z", "completion": "w"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples = build_examples(DataConfig(train=path, max_length=20), tok)
+    assert len(examples) == 1 and "1 example(s) had no trained token" in caplog.text
+    with pytest.raises(DataError, match="no usable example"):
+        build_examples(DataConfig(train=path, max_length=1), tok)
+
+
+def test_collate_pads_right_with_ignored_labels():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_pad_equal_to_eos_keeps_eos_label():
+    # Labels come from the rendered segments, never from comparing ids with the pad id.
+    batch = collate([{"input_ids": [5, 2], "labels": [-100, 2]}, {"input_ids": [5], "labels": [5]}], pad_id=2)
+    assert batch["labels"][0, 1] == 2 and batch["labels"][1, 1] == -100
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b = epoch_order(50, seed=0, epoch=0), epoch_order(50, seed=0, epoch=1)
+    assert sorted(a) == list(range(50)) and a != b and a == epoch_order(50, seed=0, epoch=0)

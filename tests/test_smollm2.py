@@ -1,0 +1,40 @@
+"""The real embedded model: the quickstart config runs, and PEFT reads its adapter."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_runs_a_few_steps_on_smollm2(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "quickstart"
+    result = CliRunner().invoke(app, [
+        "train", "configs/quickstart.yaml", "--set", "training.max_steps=2", "--set", "training.eval_every=2",
+        "--set", "data.validation_limit=8", "--set", "training.batch_size=4", "--set", f"training.output_dir={out}",
+    ])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+
+    peft = pytest.importorskip("peft")
+    from lorakit import load_adapter
+    from lorakit.config import ModelConfig
+    from lorakit.model import load_model
+
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2]])
+    ours = load_adapter(load_model(ModelConfig()), out / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(load_model(ModelConfig()), out / "adapter").eval()
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-4

@@ -1,0 +1,176 @@
+"""End-to-end training on a tiny on-disk model: loss, outputs, determinism, resume, guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from lorakit import load_adapter
+from lorakit.config import validate_config
+from lorakit.train import TrainingError, TrainingInterrupted, train
+
+ADAPTER = "adapter_model.safetensors"
+
+
+def _run(raw, resume=False):
+    return train(validate_config(raw, "test"), resume=resume)
+
+
+def _adapter(run_dir):
+    return load_file(os.path.join(run_dir, "adapter", ADAPTER))
+
+
+def test_loss_falls_and_outputs_are_written(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=12, eval_every=6, save_every=6)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    result = _run(raw)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    out = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/" + ADAPTER, "adapter/training_config.yaml",
+                 "metrics.jsonl", "loss.png", "checkpoints/step-6/optimizer.pt", "checkpoints/step-12/state.json"):
+        assert (out / name).is_file(), name
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [6, 12]
+    saved = yaml.safe_load((out / "adapter/training_config.yaml").read_text())
+    assert saved["lora"]["r"] == 4 and saved["data"]["completion_field"] == "answer"
+    # The frozen base is untouched: loading the adapter onto a fresh base equals training's result.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+    load_adapter(model, out / "adapter")
+    assert any(v.abs().sum() > 0 for k, v in _adapter(out).items() if "lora_B" in k)
+
+
+def test_same_config_twice_gives_the_same_adapter_bit_for_bit(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=4, grad_accum=2)
+    raw["lora"]["dropout"] = 0.1
+    _run(raw)
+    first = _adapter(tmp_path / "run")
+    raw["training"]["output_dir"] = str(tmp_path / "again")
+    _run(raw)
+    second = _adapter(tmp_path / "again")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=300, save_every=5, grad_accum=2)
+    raw["lora"]["dropout"] = 0.1  # resume must restore the RNG too
+    _run(raw)
+    reference = _adapter(tmp_path / "run")
+
+    raw["training"]["output_dir"] = str(tmp_path / "killed")
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step-10").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+    assert (checkpoints / "step-10").exists()
+
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--resume"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming at" in done.stderr
+    resumed = _adapter(tmp_path / "killed")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 301))  # no step logged twice
+
+
+def test_resume_refuses_a_changed_config(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=2, save_every=2)
+    _run(raw)
+    raw["lora"]["r"] = 8
+    raw["training"]["max_steps"] = 4
+    with pytest.raises(RuntimeError, match=r"config changed \(lora\.r: 4 in the checkpoint, 8 now\)"):
+        _run(raw, resume=True)
+    raw["training"]["output_dir"] = str(tmp_path / "empty")
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        _run(raw, resume=True)
+
+
+def _poison(monkeypatch, after: int, action):
+    """Make the model's forward misbehave from its ``after``-th training call on."""
+    import lorakit.train as train_module
+
+    real = train_module.load_model
+
+    def load(cfg, device):
+        model = real(cfg, device)
+        calls = {"n": 0}
+
+        def hook(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] > after:
+                    return action(output)
+            return output
+
+        model.lm_head.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", load)
+
+
+def test_nan_loss_stops_naming_the_step(tiny_model_dir, tmp_path, monkeypatch):
+    _poison(monkeypatch, after=3, action=lambda out: out * float("nan"))
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=6, save_every=2)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 4; the last good checkpoint is .*step-2"):
+        _run(raw)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    _poison(monkeypatch, after=3, action=interrupt)
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=6)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3; checkpoint saved"):
+        _run(raw)
+    assert (tmp_path / "run" / "checkpoints" / "step-3" / "state.json").is_file()
+    monkeypatch.undo()
+    result = _run(raw, resume=True)
+    assert result.steps == 6
+
+
+def test_too_little_data_is_an_error(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, batch_size=1000)
+    with pytest.raises(TrainingError, match="fewer than one batch"):
+        _run(raw)
+
+
+def test_qlora_end_to_end(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=12)
+    raw["model"]["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    result = _run(raw)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    from lorakit.config import ModelConfig
+    from lorakit.model import load_model
+
+    ids = torch.randint(3, 200, (2, 12))
+    quantized = load_model(ModelConfig(name_or_path=tiny_model_dir, quantization={"bits": 4}))
+    load_adapter(quantized, tmp_path / "run" / "adapter")
+    again = load_model(ModelConfig(name_or_path=tiny_model_dir, quantization={"bits": 4}))
+    load_adapter(again, tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        a, b = quantized(input_ids=ids).logits, again(input_ids=ids).logits
+        plain = load_model(ModelConfig(name_or_path=tiny_model_dir, quantization={"bits": 4}))(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert (a - plain).abs().max() > 1e-4  # the adapter changes the 4-bit model's output
