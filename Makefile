@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# The quickstart: LoRA on the embedded SmolLM2-135M-Instruct, Debian synopsis data, CPU.
+# The quickstart: LoRA on the embedded SmolLM2-135M-Instruct, Debian synopsis data, CPU:
+# train, fold the adapter into a plain checkpoint, then score it against the base model.
 demo: install
 	$(VENV)/bin/lorakit train configs/quickstart.yaml
+	$(VENV)/bin/lorakit merge runs/quickstart/adapter --output runs/quickstart/merged --force
+	$(VENV)/bin/lorakit eval runs/quickstart/adapter --metric rouge --limit 60 --max-new-tokens 32 --compare-base

@@ -37,6 +37,7 @@ def _quiet_libraries() -> None:
     if not logger.handlers:
         logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # libraries may configure the root logger: print once
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -50,9 +51,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from lorakit.data import DataError
     from lorakit.lora import LoraError
     from lorakit.model import ModelLoadError
+    from lorakit.evaluation import EvalError
+    from lorakit.merge import MergeError
     from lorakit.train import TrainingError
 
-    return (ResumeError, DataError, LoraError, ModelLoadError, TrainingError)
+    return (ResumeError, DataError, EvalError, LoraError, MergeError, ModelLoadError, TrainingError)
 
 
 def _fail(message: str, code: int) -> None:
@@ -90,6 +93,117 @@ def train(
     except _user_errors() as e:
         _fail(str(e), 1)
     console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
+
+
+@app.command()
+def merge(
+    adapters: list[Path] = typer.Argument(..., help="Adapter directories (several are combined, see --weights)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the merged checkpoint."),
+    base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
+    dtype: str = typer.Option("float32", help="Saved dtype: float32, bfloat16 or float16."),
+    into: str = typer.Option("dequantized", help="QLoRA adapters: merge into the 'dequantized' 4-bit weights "
+                             "they were trained against, or the original 'full-precision' ones."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated weight per adapter, e.g. 0.7,0.3."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+) -> None:
+    """Fold adapters into the base model and write a checkpoint plain transformers loads.
+
+    The result is verified before it is kept: it is reloaded and its logits are compared
+    with the adapter-on-base model on sample inputs.
+    """
+    _quiet_libraries()
+    from lorakit.merge import merge_adapters
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        _fail(f"--weights {weights!r}: expected numbers separated by commas, e.g. 0.7,0.3", 2)
+    try:
+        report = merge_adapters(adapters, output, base, dtype, into, parsed, force)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    if report.into:
+        other = "full-precision" if report.into == "dequantized" else "dequantized"
+        console.print(f"QLoRA adapter merged into the {report.into} base weights; merging into the {other} "
+                      f"ones instead would move logits by up to {report.into_other_diff:.4g}")
+    console.print(f"verified: max |logit difference| {report.max_abs_diff:.3g} "
+                  f"(tolerance {report.tolerance:.3g} for {report.dtype})")
+    console.print(f"merged model written to [bold]{report.output}[/]")
+
+
+@app.command("eval")
+def eval_command(
+    target: str = typer.Argument(..., help="An adapter directory or a model (merged directory, checkpoint, 'default')."),
+    metric: list[str] = typer.Option(["rouge"], "--metric", "-m", help="rouge, bleu, exact_match or perplexity; repeatable."),
+    data: Optional[str] = typer.Option(None, help="Rows to score (default: the training config's validation file)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N rows."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Generation length limit."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts generated at once."),
+    output: Optional[Path] = typer.Option(None, help="Where metrics.json and predictions.jsonl go (default: TARGET/eval)."),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model and show the gain."),
+    base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
+) -> None:
+    """Generate greedily on held-out rows and score the outputs, offline.
+
+    Prompts are rendered exactly as in training; predictions and scores are written next
+    to each other.
+    """
+    _quiet_libraries()
+    from rich.table import Table
+
+    from lorakit.evaluation import resolve_target, run_eval
+
+    try:
+        resolved = resolve_target(target, base)
+        out = output or (Path(target) / "eval" if Path(target).is_dir() else Path("eval"))
+        results = run_eval(resolved, metric, data, limit, max_new_tokens, batch_size, out, compare_base)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    table = Table(title=f"lorakit eval: {target}")
+    columns = [c for c in ("base", "model", "gain") if c in results]
+    table.add_column("metric")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for key in results["model"]:
+        table.add_row(key, *(f"{results[c][key]:+.4f}" if c == "gain" else f"{results[c][key]:.4f}" for c in columns))
+    console.print(table)
+    console.print(f"scores and predictions written to [bold]{out}[/]")
+
+
+@app.command()
+def generate(
+    target: str = typer.Argument(..., help="An adapter directory or a model (merged directory, checkpoint, 'default')."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeatable. Without it, prompts are "
+                                     "read from stdin, one per line (':use NAME' switches adapter)."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: load another adapter onto the same base."),
+    use: Optional[str] = typer.Option(None, help="Which adapter answers (default: TARGET's, else the first)."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Generation length limit."),
+) -> None:
+    """Answer prompts with a fine-tuned model, formatted as in training.
+
+    Several adapters can share one base: load them with --adapter NAME=DIR and switch with
+    --use NAME, or with a ':use NAME' line on stdin, without reloading the base.
+    """
+    _quiet_libraries()
+    import sys
+
+    from lorakit.evaluation import Switcher
+
+    try:
+        named = dict(item.split("=", 1) for item in adapter)
+    except ValueError:
+        _fail(f"--adapter expects NAME=DIR, got {adapter}", 2)
+    try:
+        switcher = Switcher(target, named, use)
+        lines = prompt or (line.rstrip("\n") for line in sys.stdin)
+        for line in lines:
+            if line.startswith(":use "):
+                switcher.use(line[5:].strip())
+                console.print(f"[dim]using adapter {switcher.active}[/]")
+            elif line.strip():
+                typer.echo(switcher.answer(line, max_new_tokens))
+    except _user_errors() as e:
+        _fail(str(e), 1)
 
 
 @config_app.command("show")

@@ -8,7 +8,6 @@ uses the original weights instead; the report gives the logit difference between
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter_config
-from lorakit.config import SAVED_CONFIG, ModelConfig, read_saved_config
+from lorakit.adapter_io import load_adapter, read_adapter_config
+from lorakit.config import SAVED_CONFIG, read_saved_config
 from lorakit.inject import lora_modules, remove_lora
-from lorakit.model import DTYPES, load_model, load_tokenizer
+from lorakit.model import DTYPES, adapter_base_config, load_model, load_tokenizer
 
 logger = logging.getLogger("lorakit")
 
@@ -48,21 +47,6 @@ class MergeReport:
     tolerance: float
     into: str | None = None
     into_other_diff: float | None = None
-
-
-def base_model_config(adapter_dir: Path, base: str | None = None) -> ModelConfig:
-    """The adapter's base, in full precision: ``base``, else the training config's model,
-    else the adapter's ``base_model_name_or_path``."""
-    model = dict(read_saved_config(adapter_dir).get("model") or {})
-    if base is not None:
-        model = {"name_or_path": base, "trust_remote_code": model.get("trust_remote_code", False)}
-    elif not model:
-        named = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
-        if not named:
-            raise MergeError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
-        model = {"name_or_path": named}
-    model.update(quantization=None, dtype="float32", gradient_checkpointing=False)
-    return ModelConfig(**model)
 
 
 def nf4_roundtrip(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
@@ -151,7 +135,7 @@ def merge_adapters(
     output = Path(output)
     tmp = _prepare_output(output, force)
 
-    model_cfg = base_model_config(adapters[0], base)
+    model_cfg = adapter_base_config(adapters[0], base)
     model = load_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
     quant = (read_saved_config(adapters[0]).get("model") or {}).get("quantization")

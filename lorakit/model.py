@@ -4,6 +4,7 @@ directories or hub ids, optionally 4-bit (QLoRA) through bitsandbytes."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from lorakit.config import DEFAULT_MODEL, ModelConfig
+from lorakit.config import DEFAULT_MODEL, ModelConfig, read_saved_config
 
 logger = logging.getLogger("lorakit")
 
@@ -139,3 +140,18 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
         model.enable_input_require_grads()
         model.config.use_cache = False
     return model
+
+
+def adapter_base_config(adapter_dir: Path, base: str | None = None) -> ModelConfig:
+    """The adapter's base, in full precision: ``base``, else the training config's model,
+    else the adapter's ``base_model_name_or_path``."""
+    model = dict(read_saved_config(adapter_dir).get("model") or {})
+    if base is not None:
+        model = {"name_or_path": base, "trust_remote_code": model.get("trust_remote_code", False)}
+    elif not model:
+        named = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not named:
+            raise ModelLoadError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
+        model = {"name_or_path": named}
+    model.update(quantization=None, dtype="float32", gradient_checkpointing=False)
+    return ModelConfig(**model)

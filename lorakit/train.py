@@ -23,7 +23,8 @@ from lorakit import report
 from lorakit.adapter_io import save_adapter
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
-from lorakit.data import IGNORE, build_examples, collate, epoch_order
+from lorakit.data import build_examples, collate, epoch_order
+from lorakit.evaluation import evaluate_loss
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.model import load_model, load_tokenizer
 
@@ -69,21 +70,6 @@ def _micro_batch(examples: list[dict], index: int, batch: int, world: int, rank:
     order = epoch_order(len(examples), seed, epoch)
     start = (within * world + rank) * batch
     return [examples[i] for i in order[start : start + batch]]
-
-
-@torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
-    """Mean loss per trained token over ``examples``."""
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += model(**batch).loss.float().item() * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def _write_final(out: Path, model, cfg: Config) -> Path:

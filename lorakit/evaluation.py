@@ -1,0 +1,226 @@
+"""Scoring a trained adapter or merged model: greedy generation on held-out rows,
+text metrics, perplexity on the completions, and the gain over the base model.
+
+Prompts are rendered exactly as in training (same format, template and chat template),
+cut just before the text the model was trained to produce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit.adapter_io import CONFIG_NAME, load_adapter
+from lorakit.config import DataConfig, ModelConfig, read_saved_config
+from lorakit.data import IGNORE, DataError, collate, load_rows, render, tokenize
+from lorakit.inject import remove_lora
+from lorakit.metrics import GENERATION_METRICS, METRICS, score
+from lorakit.model import adapter_base_config, load_model, load_tokenizer
+
+logger = logging.getLogger("lorakit")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked."""
+
+
+@dataclass
+class Target:
+    """What to evaluate: a base model, optionally with an adapter, and the data format."""
+
+    model: ModelConfig
+    adapter: Path | None
+    data: DataConfig | None
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_target(path: str, base: str | None = None) -> Target:
+    """An adapter directory (its base and data format come from its saved config) or a
+    model (a merged directory, a checkpoint, ``default`` or a hub id)."""
+    directory = Path(path)
+    saved = read_saved_config(directory) if directory.is_dir() else {}
+    data = DataConfig(**saved["data"]) if saved.get("data") else None
+    if (directory / CONFIG_NAME).is_file():
+        model = adapter_base_config(directory, base)
+        quant = (saved.get("model") or {}).get("quantization")
+        if quant and base is None:  # score the model the adapter was trained with: the 4-bit base
+            model = ModelConfig(**{**model.model_dump(), "quantization": quant, "dtype": saved["model"]["dtype"]})
+        return Target(model, directory, data)
+    return Target(ModelConfig(name_or_path=base or path), None, data)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+    """Mean loss per trained token over ``examples``."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += model(**batch).loss.float().item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def reference_of(row: dict, data: DataConfig) -> str:
+    """The text the model should produce for ``row``."""
+    if data.format == "chat":
+        return next(m["content"] for m in reversed(row["messages"]) if m.get("role") == "assistant")
+    if data.format == "alpaca":
+        return str(row["output"])
+    if data.format == "text":
+        raise EvalError("format 'text' has no prompt/answer split: only --metric perplexity applies")
+    return str(row[data.completion_field])
+
+
+def prompt_of(segments: list[tuple[str, bool]]) -> str:
+    """Everything before the last trained segment: the prompt for generation."""
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    return "".join(text for text, _ in segments[:last])
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """EOS and, for chat templates, the end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Batched greedy decoding with left padding; stops at EOS or end of turn."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(model.device)
+        new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        outputs += tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [o.strip() for o in outputs]
+
+
+def _score_model(model, tokenizer, rows, data, metrics, max_new_tokens, batch_size, source) -> tuple[dict, list[str]]:
+    scores, predictions = {}, []
+    segments = [render(row, data, tokenizer, i, source) for i, row in enumerate(rows)]
+    if any(m in GENERATION_METRICS for m in metrics):
+        references = [reference_of(row, data) for row in rows]
+        predictions = generate(model, tokenizer, [prompt_of(s) for s in segments], max_new_tokens, batch_size)
+        for m in metrics:
+            if m in GENERATION_METRICS:
+                scores.update(score(m, predictions, references))
+    if "perplexity" in metrics:
+        examples = [tokenize(s, tokenizer, data.max_length, False) for s in segments]
+        loss = evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, model.device)
+        scores.update(loss=loss, perplexity=float(torch.exp(torch.tensor(loss))))
+    return scores, predictions
+
+
+def run_eval(target: Target, metrics: list[str], data_file: str | None = None, limit: int | None = None,
+             max_new_tokens: int = 64, batch_size: int = 8, output: Path | None = None,
+             compare_base: bool = False) -> dict:
+    """Score ``target`` and write ``predictions.jsonl`` and ``metrics.json`` to ``output``.
+
+    Returns:
+        ``{"model": scores}`` and, with ``compare_base``, ``{"base": scores, "gain": ...}``.
+
+    Raises:
+        EvalError: unknown metric, no data, or no data format to render prompts with.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise EvalError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRICS)}")
+    data = target.data or DataConfig(train=data_file or "")
+    source = data_file or data.validation
+    if not source:
+        raise EvalError("no data to evaluate on: pass --data FILE (the config has no validation split)")
+    if target.data is None:
+        logger.warning("no saved training config: rendering %s as prompt/completion rows with defaults", source)
+    rows = list(load_rows(source, "validation"))[:limit]
+    if not rows:
+        raise DataError(f"{source}: no rows")
+
+    tokenizer = load_tokenizer(target.model)
+    model = load_model(target.model)
+    results = {}
+    if compare_base and target.adapter is not None:
+        results["base"], _ = _score_model(model, tokenizer, rows, data, metrics, max_new_tokens, batch_size, source)
+    if target.adapter is not None:
+        load_adapter(model, target.adapter)
+    results["model"], predictions = _score_model(model, tokenizer, rows, data, metrics, max_new_tokens, batch_size, source)
+    if "base" in results:
+        results["gain"] = {k: v - results["base"][k] for k, v in results["model"].items()}
+    if target.adapter is not None:
+        remove_lora(model)
+
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "metrics.json").write_text(json.dumps({"data": source, "rows": len(rows), **results}, indent=2))
+        with open(output / "predictions.jsonl", "w") as f:
+            for i, prediction in enumerate(predictions):
+                f.write(json.dumps({"row": i, "prediction": prediction,
+                                    "reference": reference_of(rows[i], data)}) + "\n")
+    return results
+
+
+def generation_prompt(text: str, data: DataConfig | None, tokenizer) -> str:
+    """A user prompt rendered as the adapter saw prompts in training.
+
+    Chat data and ``chat_template`` wrap it as a user turn; alpaca uses it as the
+    instruction; a prompt template with a single field gets it in that field; anything
+    else takes the text as it is.
+    """
+    if data is None:
+        return text
+    if data.format == "chat":
+        row = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
+    elif data.format == "alpaca":
+        row = {"instruction": text, "output": ""}
+    elif data.format == "text":
+        return text
+    else:
+        fields = {name for _, name, _, _ in string.Formatter().parse(data.prompt_template) if name}
+        template = data.prompt_template if len(fields) == 1 else "{prompt}"
+        data = data.model_copy(update={"prompt_template": template})
+        row = {(fields.pop() if len(fields) == 1 else "prompt"): text, data.completion_field: ""}
+    return prompt_of(render(row, data, tokenizer))
+
+
+class Switcher:
+    """One base model in memory and several adapters to answer with, switched by name."""
+
+    def __init__(self, target: str, adapters: dict[str, str], use: str | None = None) -> None:
+        main = resolve_target(target)
+        self.adapters = {**({"main": str(main.adapter)} if main.adapter else {}), **adapters}
+        first = resolve_target(next(iter(self.adapters.values()))) if self.adapters else main
+        self.tokenizer = load_tokenizer(first.model)
+        self.model = load_model(first.model).eval()
+        self.data = main.data
+        self.active = None
+        if self.adapters:
+            self.use(use or next(iter(self.adapters)))
+
+    def use(self, name: str) -> None:
+        """Make adapter ``name`` the one that answers."""
+        if name not in self.adapters:
+            raise EvalError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters)}")
+        remove_lora(self.model)
+        load_adapter(self.model, self.adapters[name])
+        self.data = resolve_target(self.adapters[name]).data or self.data
+        self.active = name
+
+    def answer(self, text: str, max_new_tokens: int) -> str:
+        """The greedy answer to one prompt."""
+        prompt = generation_prompt(text, self.data, self.tokenizer)
+        return generate(self.model, self.tokenizer, [prompt], max_new_tokens, 1)[0]
