@@ -21,6 +21,6 @@ test: install
 # The quickstart: LoRA on the embedded SmolLM2-135M-Instruct, Debian synopsis data, CPU:
 # train, fold the adapter into a plain checkpoint, then score it against the base model.
 demo: install
-	$(VENV)/bin/lorakit train configs/quickstart.yaml
+	$(VENV)/bin/lorakit train configs/quickstart.yaml --overwrite
 	$(VENV)/bin/lorakit merge runs/quickstart/adapter --output runs/quickstart/merged --force
 	$(VENV)/bin/lorakit eval runs/quickstart/adapter --metric rouge --limit 60 --max-new-tokens 32 --compare-base

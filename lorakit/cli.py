@@ -59,7 +59,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _fail(message: str, code: int) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -75,6 +75,7 @@ def train(
     config: Path = CONFIG_ARG,
     overrides: list[str] = SET_OPT,
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds an earlier run."),
 ) -> None:
     """Fine-tune a model with LoRA as CONFIG says; writes OUTPUT_DIR/adapter (PEFT format).
 
@@ -87,7 +88,7 @@ def train(
     from lorakit.train import train as run
 
     try:
-        result = run(cfg, resume=resume)
+        result = run(cfg, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
         _fail(f"{e}. Continue with: lorakit train {config} --resume", 130)
     except _user_errors() as e:

@@ -72,7 +72,10 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
 def reference_of(row: dict, data: DataConfig) -> str:
     """The text the model should produce for ``row``."""
     if data.format == "chat":
-        return next(m["content"] for m in reversed(row["messages"]) if m.get("role") == "assistant")
+        answers = [m["content"] for m in row["messages"] if m.get("role") == "assistant"]
+        if not answers:
+            raise DataError("a chat row without an assistant turn has no reference to score against")
+        return answers[-1]
     if data.format == "alpaca":
         return str(row["output"])
     if data.format == "text":
@@ -111,11 +114,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return [o.strip() for o in outputs]
 
 
-def _score_model(model, tokenizer, rows, data, metrics, max_new_tokens, batch_size, source) -> tuple[dict, list[str]]:
+def _score_model(model, tokenizer, segments, references, data, metrics, max_new_tokens, batch_size) -> tuple[dict, list[str]]:
     scores, predictions = {}, []
-    segments = [render(row, data, tokenizer, i, source) for i, row in enumerate(rows)]
     if any(m in GENERATION_METRICS for m in metrics):
-        references = [reference_of(row, data) for row in rows]
         predictions = generate(model, tokenizer, [prompt_of(s) for s in segments], max_new_tokens, batch_size)
         for m in metrics:
             if m in GENERATION_METRICS:
@@ -152,13 +153,17 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
         raise DataError(f"{source}: no rows")
 
     tokenizer = load_tokenizer(target.model)
+    # Render every row first: bad data fails before the model loads.
+    segments = [render(row, data, tokenizer, i, source) for i, row in enumerate(rows)]
+    references = [reference_of(row, data) for row in rows] if set(metrics) & set(GENERATION_METRICS) else []
     model = load_model(target.model)
+    args = (tokenizer, segments, references, data, metrics, max_new_tokens, batch_size)
     results = {}
     if compare_base and target.adapter is not None:
-        results["base"], _ = _score_model(model, tokenizer, rows, data, metrics, max_new_tokens, batch_size, source)
+        results["base"], _ = _score_model(model, *args)
     if target.adapter is not None:
         load_adapter(model, target.adapter)
-    results["model"], predictions = _score_model(model, tokenizer, rows, data, metrics, max_new_tokens, batch_size, source)
+    results["model"], predictions = _score_model(model, *args)
     if "base" in results:
         results["gain"] = {k: v - results["base"][k] for k, v in results["model"].items()}
     if target.adapter is not None:
@@ -169,8 +174,7 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
         (output / "metrics.json").write_text(json.dumps({"data": source, "rows": len(rows), **results}, indent=2))
         with open(output / "predictions.jsonl", "w") as f:
             for i, prediction in enumerate(predictions):
-                f.write(json.dumps({"row": i, "prediction": prediction,
-                                    "reference": reference_of(rows[i], data)}) + "\n")
+                f.write(json.dumps({"row": i, "prediction": prediction, "reference": references[i]}) + "\n")
     return results
 
 

@@ -83,12 +83,14 @@ def _write_final(out: Path, model, cfg: Config) -> Path:
     return final
 
 
-def train(cfg: Config, resume: bool = False) -> RunResult:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Fine-tune ``cfg.model`` with LoRA on ``cfg.data`` as ``cfg.training`` says.
 
     Args:
         cfg: the validated config.
         resume: continue from the newest complete checkpoint in ``output_dir``.
+        overwrite: start over in an ``output_dir`` that holds an earlier run (its
+            checkpoints are deleted).
 
     Returns:
         The adapter directory, the number of steps and the metric history.
@@ -99,6 +101,11 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
     """
     t = cfg.training
     out = Path(t.output_dir)
+    checkpoints = out / "checkpoints"
+    earlier = (out / "adapter").exists() or list_checkpoints(checkpoints)
+    if earlier and not (resume or overwrite):
+        raise TrainingError(f"{out} already holds a run; continue it with --resume, "
+                            "or start over with --overwrite (deletes its checkpoints)")
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(t.seed)
@@ -122,7 +129,6 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
     plain = accelerator.unwrap_model(model)
 
     step, history = 0, []
-    checkpoints = out / "checkpoints"
     if resume:
         found = list_checkpoints(checkpoints)
         if not found:
@@ -130,6 +136,7 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
         step = load_checkpoint(found[-1], plain, optimizer, scheduler, cfg)
         history = report.read_metrics(out, upto=step)
     elif main:
+        shutil.rmtree(checkpoints, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         report.reset_metrics(out)
 

@@ -38,3 +38,21 @@ def test_quickstart_runs_a_few_steps_on_smollm2(tmp_path, monkeypatch):
     theirs = peft.PeftModel.from_pretrained(load_model(ModelConfig()), out / "adapter").eval()
     with torch.no_grad():
         assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_quickstart_chain_train_merge_eval(tmp_path, monkeypatch):
+    """The README's first command, shortened: train → merge → eval with the base's scores."""
+    monkeypatch.chdir(ROOT)
+    runner = CliRunner()
+    out = tmp_path / "chain"
+    trained = runner.invoke(app, ["train", "configs/quickstart.yaml", "--set", "training.max_steps=1",
+                                  "--set", "data.validation=null", "--set", "training.batch_size=2",
+                                  "--set", f"training.output_dir={out}"])
+    assert trained.exit_code == 0, trained.output
+    merged = runner.invoke(app, ["merge", str(out / "adapter"), "--output", str(out / "merged")])
+    assert merged.exit_code == 0 and "verified" in merged.output, merged.output
+    scored = runner.invoke(app, ["eval", str(out / "merged"), "--data", "configs/data/debian-synopsis/validation.jsonl",
+                                 "--limit", "2", "--max-new-tokens", "8", "--metric", "rouge", "--metric", "perplexity"])
+    assert scored.exit_code == 0, scored.output
+    metrics = json.loads((out / "merged" / "eval" / "metrics.json").read_text())
+    assert metrics["rows"] == 2 and 0 <= metrics["model"]["rouge1"] <= 1 and metrics["model"]["perplexity"] > 1

@@ -149,6 +149,18 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model_dir, tmp_path, monkey
     assert result.steps == 6
 
 
+def test_an_earlier_run_is_never_silently_replaced(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=2, save_every=1)
+    _run(raw)
+    before = _adapter(tmp_path / "run")
+    with pytest.raises(TrainingError, match="already holds a run; continue it with --resume"):
+        _run(raw)
+    assert all(torch.equal(before[k], v) for k, v in _adapter(tmp_path / "run").items())
+    raw["training"]["max_steps"] = 1
+    train(validate_config(raw, "test"), overwrite=True)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-1"]
+
+
 def test_too_little_data_is_an_error(tiny_model_dir, tmp_path):
     raw = tiny_config(tmp_path, tiny_model_dir, batch_size=1000)
     with pytest.raises(TrainingError, match="fewer than one batch"):

@@ -1,0 +1,125 @@
+"""lorakit eval and generate: offline metrics, prompts as in training, adapter switching."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import arithmetic_rows, tiny_config, write_jsonl
+from lorakit.cli import app
+from lorakit.config import validate_config
+from lorakit.evaluation import EvalError, Switcher, generation_prompt, resolve_target, run_eval
+from lorakit.metrics import score
+from lorakit.train import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Two tiny adapters trained on the arithmetic rows with different seeds."""
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        tmp = tmp_path_factory.mktemp(name)
+        raw = tiny_config(tmp, tiny_model_dir, max_steps=3, seed=seed)
+        raw["data"]["chat_template"] = True
+        out[name] = train(validate_config(raw, "test")).adapter_dir
+    return out
+
+
+def test_rouge_matches_rouge_score_exactly():
+    from rouge_score import rouge_scorer
+
+    preds = ["the cat sat on the mats", "running quickly home", "nothing in common"]
+    refs = ["the cats sat on a mat", "he runs quick to home", "zebra"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = {k: sum(scorer.score(r, p)[k].fmeasure for p, r in zip(preds, refs)) / 3
+                for k in ("rouge1", "rouge2", "rougeL")}
+    assert score("rouge", preds, refs) == expected
+    assert expected["rouge1"] > 0
+
+
+def test_bleu_and_exact_match_by_hand():
+    # 7 predicted tokens, 6 reference tokens: precisions 6/7, 5/6, 4/5, 3/4, no brevity penalty.
+    bleu = score("bleu", ["the cat sat on the mat today"], ["the cat sat on the mat"])["bleu"]
+    assert bleu == pytest.approx((6 / 7 * 5 / 6 * 4 / 5 * 3 / 4) ** 0.25)
+    assert score("bleu", ["x"], ["y z"])["bleu"] == 0.0
+    assert score("exact_match", [" Yes", "no", "maybe"], ["yes", "No", "perhaps"]) == {"exact_match": 2 / 3}
+
+
+def test_eval_adapter_writes_scores_and_predictions(adapters, tmp_path):
+    out = tmp_path / "eval"
+    results = run_eval(resolve_target(str(adapters["a"])), ["rouge", "exact_match", "perplexity"],
+                       limit=5, max_new_tokens=4, batch_size=2, output=out, compare_base=True)
+    assert set(results) == {"base", "model", "gain"}
+    assert results["model"]["perplexity"] == pytest.approx(math.exp(results["model"]["loss"]))
+    assert results["gain"]["loss"] == pytest.approx(results["model"]["loss"] - results["base"]["loss"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rows"] == 5 and "rouge1" in saved["model"]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 5 and {"prediction", "reference"} <= set(predictions[0])
+
+
+def test_eval_errors(adapters, tmp_path):
+    target = resolve_target(str(adapters["a"]))
+    with pytest.raises(EvalError, match="unknown metric 'rogue'; known metrics: rouge, bleu, exact_match, perplexity"):
+        run_eval(target, ["rogue"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1="}])
+    result = runner.invoke(app, ["eval", str(adapters["a"]), "--data", bad, "--output", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "row 0: no field 'answer'" in result.output
+    result = runner.invoke(app, ["eval", str(adapters["a"]), "--metric", "rogue"])
+    assert result.exit_code == 1 and "known metrics" in result.output
+
+
+def test_eval_merged_model_matches_adapter(adapters, tmp_path):
+    merged = tmp_path / "merged"
+    assert runner.invoke(app, ["merge", str(adapters["a"]), "--output", str(merged)]).exit_code == 0
+    kw = dict(limit=4, max_new_tokens=4, batch_size=4)
+    from_adapter = run_eval(resolve_target(str(adapters["a"])), ["rouge", "perplexity"], **kw)
+    from_merged = run_eval(resolve_target(str(merged)), ["rouge", "perplexity"], **kw)
+    assert from_merged["model"]["loss"] == pytest.approx(from_adapter["model"]["loss"], abs=1e-4)
+
+
+def test_generation_prompt_follows_training_format(adapters):
+    target = resolve_target(str(adapters["a"]))
+    from lorakit.model import load_tokenizer
+
+    tok = load_tokenizer(target.model)
+    assert generation_prompt("3+4=", target.data, tok) == "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_switching_adapters_without_reloading(adapters):
+    switcher = Switcher(str(adapters["a"]), {"b": str(adapters["b"])})
+    model = switcher.model
+    first = switcher.answer("3+4=", 6)
+    switcher.use("b")
+    assert switcher.model is model and switcher.active == "b"
+    only_b = Switcher(str(adapters["b"]), {})
+    assert switcher.answer("3+4=", 6) == only_b.answer("3+4=", 6)
+    switcher.use("main")
+    assert switcher.answer("3+4=", 6) == first
+    with pytest.raises(EvalError, match="no adapter named 'c'; loaded: main, b"):
+        switcher.use("c")
+
+
+def test_generate_command(adapters):
+    result = runner.invoke(app, ["generate", str(adapters["a"]), "--prompt", "1+2=", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["generate", str(adapters["a"]), "--adapter", f"b={adapters['b']}",
+                                 "--max-new-tokens", "3"], input="1+2=\n:use b\n2+2=\n")
+    assert result.exit_code == 0, result.output
+    assert "using adapter b" in result.output
+    bad = runner.invoke(app, ["generate", str(adapters["a"]), "--adapter", "nodir", "--prompt", "x"])
+    assert bad.exit_code == 2 and "NAME=DIR" in bad.output
+
+
+def test_merge_command_errors(adapters, tmp_path):
+    bad = runner.invoke(app, ["merge", str(adapters["a"]), "--output", str(tmp_path / "m"), "--weights", "a,b"])
+    assert bad.exit_code == 2 and "expected numbers" in bad.output
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    refused = runner.invoke(app, ["merge", str(adapters["a"]), "--output", str(tmp_path / "full")])
+    assert refused.exit_code == 1 and "--force" in refused.output
+    missing = runner.invoke(app, ["merge", str(tmp_path / "nothing"), "--output", str(tmp_path / "m")])
+    assert missing.exit_code == 1 and "adapter_config.json" in missing.output
