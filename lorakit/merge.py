@@ -65,7 +65,8 @@ def _quantizable(model) -> dict[str, torch.nn.Linear]:
 
 @torch.no_grad()
 def _probe_logits(model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(PROBES, return_tensors="pt", padding=True)
+    # 32 tokens each: enough to compare logits, short enough for any model's positions.
+    batch = tokenizer(PROBES, return_tensors="pt", padding=True, truncation=True, max_length=32)
     out = model(**batch.to(model.device)).logits.float()
     return out * batch["attention_mask"][..., None]
 

@@ -14,24 +14,41 @@ console = Console(stderr=True)
 METRICS = "metrics.jsonl"
 
 
-def reset_metrics(out: Path) -> None:
-    """Start a fresh ``metrics.jsonl``."""
-    (out / METRICS).write_text("")
+class MetricsLog:
+    """``metrics.jsonl`` in ``out``, mirrored to TensorBoard (``out/tensorboard``) when installed.
 
+    A fresh run starts the file over; a resumed one keeps the lines up to its checkpoint,
+    so no step is logged twice.
+    """
 
-def append_metrics(out: Path, record: dict) -> None:
-    """Append one JSON line of metrics."""
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    def __init__(self, out: Path, resume_step: int | None = None) -> None:
+        self.path = out / METRICS
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            rows = [r for r in rows if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.history = rows
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
+            self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+        except ImportError:
+            self.board = None
 
-def read_metrics(out: Path, upto: int) -> list[dict]:
-    """Metrics up to step ``upto``, rewriting the file so a resumed run continues it cleanly."""
-    path = out / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-    rows = [r for r in rows if r["step"] <= upto]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    def append(self, record: dict) -> None:
+        """Log one record (``step`` plus values)."""
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.board.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_train: int, n_val: int,

@@ -128,17 +128,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
 
-    step, history = 0, []
+    step = 0
     if resume:
         found = list_checkpoints(checkpoints)
         if not found:
             raise TrainingError(f"--resume: no complete checkpoint in {checkpoints}")
         step = load_checkpoint(found[-1], plain, optimizer, scheduler, cfg)
-        history = report.read_metrics(out, upto=step)
     elif main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        report.reset_metrics(out)
+    metrics = report.MetricsLog(out, step if resume else None) if main else None
+    history = metrics.history if main else []
 
     trainable, total = count_parameters(plain)
     if main:
@@ -179,27 +179,29 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                 steps_in_window = step % t.log_every or t.log_every
                 record = {"step": step, "loss": window["loss"] / steps_in_window,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / elapsed}
-                history.append(record)
                 window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
                 if main:
-                    report.append_metrics(out, record)
+                    metrics.append(record)
                     progress.update(step, record)
             if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
                 val_loss = evaluate_loss(model, val_set, t.batch_size, pad_id, accelerator.device)
-                history.append({"step": step, "val_loss": val_loss})
                 if main:
-                    report.append_metrics(out, history[-1])
+                    metrics.append({"step": step, "val_loss": val_loss})
                     progress.note(f"step {step}: validation loss {val_loss:.4f}")
             if main and t.save_every and step % t.save_every == 0:
                 save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints)
             accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         progress.stop()
+        if main:
+            metrics.close()
         saved = save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints) if main else None
         raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {saved}") from None
     progress.stop()
 
     # Save.
+    if main:
+        metrics.close()
     adapter_dir = out / "adapter"
     if main:
         adapter_dir = _write_final(out, plain, cfg)

@@ -97,8 +97,11 @@ def test_switching_adapters_without_reloading(adapters):
     assert switcher.model is model and switcher.active == "b"
     only_b = Switcher(str(adapters["b"]), {})
     assert switcher.answer("3+4=", 6) == only_b.answer("3+4=", 6)
+    ids = switcher.tokenizer("3+4=", return_tensors="pt").input_ids
+    logits_b = switcher.model(input_ids=ids).logits
     switcher.use("main")
     assert switcher.answer("3+4=", 6) == first
+    assert (switcher.model(input_ids=ids).logits - logits_b).abs().max() > 1e-4  # the outputs did switch
     with pytest.raises(EvalError, match="no adapter named 'c'; loaded: main, b"):
         switcher.use("c")
 

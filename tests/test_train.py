@@ -186,3 +186,24 @@ def test_qlora_end_to_end(tiny_model_dir, tmp_path):
         plain = load_model(ModelConfig(name_or_path=tiny_model_dir, quantization={"bits": 4}))(input_ids=ids).logits
     assert torch.equal(a, b)
     assert (a - plain).abs().max() > 1e-4  # the adapter changes the 4-bit model's output
+
+
+def test_gradient_checkpointing_still_trains_every_adapter(tiny_model_dir):
+    from lorakit import LoraConfig, add_lora
+    from lorakit.config import ModelConfig
+    from lorakit.inject import lora_modules
+    from lorakit.model import load_model
+
+    model = load_model(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=True))
+    assert model.is_gradient_checkpointing
+    add_lora(model, LoraConfig(dropout=0.0)).train()
+    ids = torch.randint(3, 200, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [m.lora_B.weight.grad for m in lora_modules(model).values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_tensorboard_mirror_when_installed(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
