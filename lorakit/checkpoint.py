@@ -1,8 +1,9 @@
 """Training checkpoints: written whole or not at all, and resumed exactly.
 
 ``checkpoints/step-N/`` holds the adapter (PEFT format), ``optimizer.pt`` (tensors
-only, read back with ``weights_only=True``), ``state.json`` (step, data position,
-scheduler, config fingerprint) and ``rng.safetensors``. It is written under a temporary
+only, read back with ``weights_only=True``), ``state.json`` (step, which fixes the data
+position; scheduler; process count; config fingerprint) and one ``rng-<rank>.safetensors``
+per process. It is written under a temporary
 name and renamed, so a kill at any moment leaves the previous checkpoint intact.
 """
 
@@ -41,29 +42,40 @@ def _hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: Config, keep: int) -> Path:
-    """Write ``root/step-<step>`` atomically and prune to the newest ``keep`` checkpoints."""
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: Config, keep: int,
+                    accelerator) -> Path:
+    """Write ``root/step-<step>`` atomically and prune to the newest ``keep`` checkpoints.
+
+    Every process calls it: the main one writes the adapter, optimizer and state, each
+    process its own RNG state, then the main one renames the directory into place.
+    """
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = {
+            "step": step,
+            "processes": accelerator.num_processes,
+            "scheduler": scheduler.state_dict(),
+            "config_hash": _hash(fingerprint(config)),
+            "config": fingerprint(config),
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    state = {
-        "step": step,
-        "scheduler": scheduler.state_dict(),
-        "config_hash": _hash(fingerprint(config)),
-        "config": fingerprint(config),
-    }
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+    if main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
     return final
 
 
@@ -87,21 +99,25 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config) -> int:
-    """Restore adapter, optimizer, scheduler and RNG from ``path``; returns its step.
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, accelerator) -> int:
+    """Restore adapter, optimizer, scheduler and this process's RNG from ``path``; returns its step.
 
     Raises:
-        ResumeError: when the config changed in a way that would change the result.
+        ResumeError: when the config or the number of processes changed in a way that
+            would change the result.
     """
     state = json.loads((path / "state.json").read_text())
     if state["config_hash"] != _hash(fingerprint(config)):
         diffs = "; ".join(_differences(state["config"], fingerprint(config)))
         raise ResumeError(f"cannot resume from {path}: the config changed ({diffs})")
+    if state["processes"] != accelerator.num_processes:
+        raise ResumeError(f"cannot resume from {path}: it was written by {state['processes']} process(es), "
+                          f"this run has {accelerator.num_processes}; use --num-processes {state['processes']}")
     load_adapter(model, path / "adapter")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(path / "rng.safetensors")
+    rng = load_file(path / f"rng-{accelerator.process_index}.safetensors")
     torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and "cuda0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
     return int(state["step"])

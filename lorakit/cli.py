@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -76,6 +77,8 @@ def train(
     overrides: list[str] = SET_OPT,
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds an earlier run."),
+    num_processes: int = typer.Option(1, "--num-processes", min=1, help="Train data-parallel (DDP) on N processes "
+                                      "(N GPUs, or N CPU processes on a machine without GPUs), through Accelerate."),
 ) -> None:
     """Fine-tune a model with LoRA as CONFIG says; writes OUTPUT_DIR/adapter (PEFT format).
 
@@ -83,6 +86,15 @@ def train(
     checkpoint; rerun with --resume to continue exactly where it stopped.
     """
     cfg = _load(config, overrides)
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        from lorakit.launch import LaunchError, launch
+
+        args = [str(config), *(f"--set={o}" for o in overrides), *(["--resume"] if resume else []),
+                *(["--overwrite"] if overwrite else [])]
+        try:
+            raise typer.Exit(launch(num_processes, args))
+        except LaunchError as e:
+            _fail(str(e), 2)
     _quiet_libraries()
     from lorakit.train import TrainingInterrupted
     from lorakit.train import train as run
@@ -93,7 +105,8 @@ def train(
         _fail(f"{e}. Continue with: lorakit train {config} --resume", 130)
     except _user_errors() as e:
         _fail(str(e), 1)
-    console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
+    if result.main_process:
+        console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
 
 
 @app.command()

@@ -7,16 +7,18 @@ log, evaluate, checkpoint. The adapter is written at the end.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from lorakit import report
@@ -26,6 +28,7 @@ from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import build_examples, collate, epoch_order
 from lorakit.evaluation import evaluate_loss
 from lorakit.inject import add_lora, count_parameters, lora_modules
+from lorakit.launch import die_with_parent
 from lorakit.model import load_model, load_tokenizer
 
 
@@ -44,6 +47,7 @@ class RunResult:
     adapter_dir: Path
     steps: int
     history: list[dict] = field(default_factory=list)
+    main_process: bool = True
 
 
 def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.Optimizer:
@@ -106,8 +110,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     if earlier and not (resume or overwrite):
         raise TrainingError(f"{out} already holds a run; continue it with --resume, "
                             "or start over with --overwrite (deletes its checkpoints)")
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=t.mixed_precision,
+        # A dead peer must end the others' collectives in minutes, not NCCL's default 30.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
+    )
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if world > 1:
+        die_with_parent()  # torchrun starts workers in their own sessions: tie them to the launcher
+    if not main:
+        logging.getLogger("lorakit").setLevel(logging.ERROR)  # one copy of each warning
     set_seed(t.seed)
 
     # Build.
@@ -133,10 +146,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         found = list_checkpoints(checkpoints)
         if not found:
             raise TrainingError(f"--resume: no complete checkpoint in {checkpoints}")
-        step = load_checkpoint(found[-1], plain, optimizer, scheduler, cfg)
+        step = load_checkpoint(found[-1], plain, optimizer, scheduler, cfg, accelerator)
     elif main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     metrics = report.MetricsLog(out, step if resume else None) if main else None
     history = metrics.history if main else []
 
@@ -158,18 +172,23 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
             micro += 1
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                if not torch.isfinite(loss):
+                # One reduction gives every process the mean loss (so all agree to stop on
+                # NaN) and the real-token count for tokens/s.
+                stats = accelerator.reduce(
+                    torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()]), "sum")
+                mean_loss = stats[0].item() / world
+                if not math.isfinite(mean_loss):
                     last = list_checkpoints(checkpoints)
                     kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-                    raise TrainingError(f"the loss became {loss.item()} at step {step + 1}{kept}. "
+                    raise TrainingError(f"the loss became {mean_loss} at step {step + 1}{kept}. "
                                         "Try a lower training.lr or training.max_grad_norm")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            window["loss"] += loss.detach().float().item() / t.grad_accum
-            window["tokens"] += int(batch["attention_mask"].sum()) * world
+            window["loss"] += mean_loss / t.grad_accum
+            window["tokens"] += int(stats[1].item())
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -188,14 +207,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                 if main:
                     metrics.append({"step": step, "val_loss": val_loss})
                     progress.note(f"step {step}: validation loss {val_loss:.4f}")
-            if main and t.save_every and step % t.save_every == 0:
-                save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            if t.save_every and step % t.save_every == 0:
+                save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints, accelerator)
     except KeyboardInterrupt:
         progress.stop()
         if main:
             metrics.close()
-        saved = save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints) if main else None
+        saved = save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints, accelerator)
         raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {saved}") from None
     progress.stop()
 
@@ -208,4 +226,5 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         report.loss_plot(out, history)
         report.summary_table(history, adapter_dir)
     accelerator.wait_for_everyone()
-    return RunResult(adapter_dir, step, history)
+    accelerator.end_training()  # tears down the process group, so workers exit cleanly
+    return RunResult(adapter_dir, step, history, main)
