@@ -66,6 +66,7 @@ class DataConfig(_Section):
     chat_template: bool = False
     max_length: int = Field(512, gt=0)
     train_on_prompt: bool = False
+    group_by_length: bool = True
     validation_limit: int | None = Field(None, gt=0)
 
 

@@ -165,3 +165,46 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a shuffle that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """Reorder so each run of ``batch_size`` holds examples of similar length (less padding).
+
+    Sorting happens within windows of 64 batches of the shuffled order, and the batches
+    are shuffled again, so batch contents stay random while padding nearly vanishes.
+    """
+    window = batch_size * 64
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for batch in shuffled for i in batch] + [i for b in batches if len(b) < batch_size for i in b]
+
+
+class BatchOrder:
+    """Which examples make up each micro-batch, for any position in training.
+
+    Global micro-batch ``index`` is ``world`` consecutive runs of ``batch_size`` in that
+    epoch's order, one per process; the order depends only on (seed, epoch, batch_size),
+    so 2 processes × batch b see exactly what 1 process sees with 2 accumulation steps,
+    and a resumed run picks up where it stopped without replaying data.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, world: int, seed: int, grouped: bool) -> None:
+        self.lengths, self.batch_size, self.world, self.seed, self.grouped = lengths, batch_size, world, seed, grouped
+        self.per_epoch = len(lengths) // (batch_size * world)
+        self._epoch, self._order = -1, []
+
+    def indices(self, index: int, rank: int) -> list[int]:
+        """This process's examples in global micro-batch ``index``."""
+        epoch, within = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            order = epoch_order(len(self.lengths), self.seed, epoch)
+            if self.grouped:
+                order = group_by_length(order, self.lengths, self.batch_size, self.seed, epoch)
+            self._epoch, self._order = epoch, order
+        start = (within * self.world + rank) * self.batch_size
+        return self._order[start : start + self.batch_size]

@@ -19,6 +19,7 @@ from lorakit.adapter_io import CONFIG_NAME, load_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import IGNORE, DataError, collate, load_rows, render, tokenize
 from lorakit.inject import remove_lora
+from lorakit.loss import CausalLMLoss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
 from lorakit.model import adapter_base_config, load_model, load_tokenizer
 
@@ -55,17 +56,17 @@ def resolve_target(path: str, base: str | None = None) -> Target:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+def evaluate_loss(loss_model: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
     """Mean loss per trained token over ``examples``."""
-    was_training = model.training
-    model.eval()
+    was_training = loss_model.training
+    loss_model.eval()
     total = count = 0.0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += model(**batch).loss.float().item() * n
+        total += loss_model(**batch).float().item() * n
         count += n
-    model.train(was_training)
+    loss_model.train(was_training)
     return total / max(count, 1)
 
 
@@ -123,7 +124,7 @@ def _score_model(model, tokenizer, segments, references, data, metrics, max_new_
                 scores.update(score(m, predictions, references))
     if "perplexity" in metrics:
         examples = [tokenize(s, tokenizer, data.max_length, False) for s in segments]
-        loss = evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, model.device)
+        loss = evaluate_loss(CausalLMLoss(model), examples, batch_size, tokenizer.pad_token_id, model.device)
         scores.update(loss=loss, perplexity=float(torch.exp(torch.tensor(loss))))
     return scores, predictions
 

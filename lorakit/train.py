@@ -25,10 +25,11 @@ from lorakit import report
 from lorakit.adapter_io import save_adapter
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
-from lorakit.data import build_examples, collate, epoch_order
+from lorakit.data import BatchOrder, build_examples, collate
 from lorakit.evaluation import evaluate_loss
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
+from lorakit.loss import CausalLMLoss
 from lorakit.model import load_model, load_tokenizer
 
 
@@ -64,16 +65,6 @@ def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> tor
 def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_steps``, else ``epochs`` worth of steps."""
     return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
-
-
-def _micro_batch(examples: list[dict], index: int, batch: int, world: int, rank: int, seed: int) -> list[dict]:
-    """This process's share of global micro-batch ``index``: epochs are fixed shuffles,
-    so any position can be recomputed on resume without replaying the data."""
-    per_epoch = len(examples) // (batch * world)
-    epoch, within = divmod(index, per_epoch)
-    order = epoch_order(len(examples), seed, epoch)
-    start = (within * world + rank) * batch
-    return [examples[i] for i in order[start : start + batch]]
 
 
 def _write_final(out: Path, model, cfg: Config) -> Path:
@@ -138,8 +129,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     steps_per_epoch = max(1, len(train_set) // (t.batch_size * world) // t.grad_accum)
     n_steps = total_steps(t, steps_per_epoch)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain = accelerator.unwrap_model(model)
+    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+    plain = accelerator.unwrap_model(loss_model).model
 
     step = 0
     if resume:
@@ -160,18 +151,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                              len(val_set), world, n_steps, step)
 
     # Train.
-    model.train()
+    loss_model.train()
     pad_id = tokenizer.pad_token_id
     micro = step * t.grad_accum
+    order = BatchOrder([len(e["input_ids"]) for e in train_set], t.batch_size, world, t.seed,
+                       cfg.data.group_by_length)
     window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
     progress = report.Progress(n_steps, step, enabled=main)
     try:
         while step < n_steps:
-            examples = _micro_batch(train_set, micro, t.batch_size, world, rank, t.seed)
+            examples = [train_set[i] for i in order.indices(micro, rank)]
             batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_id).items()}
             micro += 1
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
+            with accelerator.accumulate(loss_model):
+                loss = loss_model(**batch)
                 # One reduction gives every process the mean loss (so all agree to stop on
                 # NaN) and the real-token count for tokens/s.
                 stats = accelerator.reduce(
@@ -203,7 +196,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     metrics.append(record)
                     progress.update(step, record)
             if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
-                val_loss = evaluate_loss(model, val_set, t.batch_size, pad_id, accelerator.device)
+                val_loss = evaluate_loss(loss_model, val_set, t.batch_size, pad_id, accelerator.device)
                 if main:
                     metrics.append({"step": step, "val_loss": val_loss})
                     progress.note(f"step {step}: validation loss {val_loss:.4f}")

@@ -94,3 +94,30 @@ def test_pad_equal_to_eos_keeps_eos_label():
 def test_epoch_order_is_a_seeded_permutation():
     a, b = epoch_order(50, seed=0, epoch=0), epoch_order(50, seed=0, epoch=1)
     assert sorted(a) == list(range(50)) and a != b and a == epoch_order(50, seed=0, epoch=0)
+
+
+def test_length_grouping_keeps_every_example_and_cuts_padding():
+    import random
+
+    from lorakit.data import BatchOrder
+
+    lengths = [random.Random(i).randint(5, 300) for i in range(1000)]
+    plain, grouped = BatchOrder(lengths, 8, 1, 0, False), BatchOrder(lengths, 8, 1, 0, True)
+
+    def padding(order):
+        return sum(8 * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+                   for b in (order.indices(k, 0) for k in range(order.per_epoch)))
+
+    seen = [i for k in range(grouped.per_epoch) for i in grouped.indices(k, 0)]
+    assert sorted(seen) == list(range(1000))  # one epoch: every example exactly once
+    assert padding(grouped) < padding(plain) / 5
+    assert grouped.indices(0, 0) != BatchOrder(lengths, 8, 1, 0, True).indices(grouped.per_epoch, 0)
+
+
+def test_two_processes_see_what_one_sees_with_accumulation():
+    from lorakit.data import BatchOrder
+
+    lengths = list(range(10, 74))
+    one, two = BatchOrder(lengths, 4, 1, 3, True), BatchOrder(lengths, 4, 2, 3, True)
+    for step in range(20):  # across epoch boundaries too
+        assert one.indices(2 * step, 0) + one.indices(2 * step + 1, 0) == two.indices(step, 0) + two.indices(step, 1)
