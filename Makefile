@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo
+.PHONY: install test demo bench
 
 install: $(STAMP)
 
@@ -24,3 +24,7 @@ demo: install
 	$(VENV)/bin/lorakit train configs/quickstart.yaml --overwrite
 	$(VENV)/bin/lorakit merge runs/quickstart/adapter --output runs/quickstart/merged --force
 	$(VENV)/bin/lorakit eval runs/quickstart/adapter --metric rouge --limit 60 --max-new-tokens 32 --compare-base
+
+# lorakit against PEFT side by side (layer level, memory, end to end); writes bench.json.
+bench: install
+	$(PY) scripts/bench.py --output bench.json

@@ -53,7 +53,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything the adapter saves, under PEFT's key names."""
     state = {PREFIX + n: t.detach() for n, t in trainable_state(model).items()}
     for name, module in lora_modules(model).items():
-        if module.out_index is not None:
+        if module.sliced:
             blocks = module.lora_B.weight.detach().split(module.slice_sizes)
             state[f"{PREFIX}{name}.lora_B.weight"] = _place_blocks(module, list(blocks))
     return state
@@ -71,7 +71,7 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
     rank_pattern, alpha_pattern = {}, {}
     for name, module in modules.items():
         k = len(module.slice_sizes)
-        if module.out_index is not None and k > 1:
+        if module.sliced and k > 1:
             # Keep alpha/r (or alpha/sqrt(r)) unchanged at rank k·r.
             rank_pattern[re.escape(name)] = k * module.r
             alpha_pattern[re.escape(name)] = module.alpha * (math.sqrt(k) if config.use_rslora else k)
@@ -188,7 +188,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, patterns: dict) -> di
     modules = dict(model.named_modules())
     existing = lora_modules(model)
     if existing:
-        targets = {n: [None] * len(m.slice_sizes) if m.out_index is not None else [] for n, m in existing.items()}
+        targets = {n: [None] * len(m.slice_sizes) if m.sliced else [] for n, m in existing.items()}
         ranks = {n: (m.r, m.alpha) for n, m in existing.items()}
     else:
         targets = find_targets(model, config)
@@ -271,7 +271,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for key, tensor in state.items():
             name = key[len(PREFIX) :]
             owner = name.removesuffix(".lora_B.weight")
-            if owner in modules and modules[owner].out_index is not None:
+            if owner in modules and modules[owner].sliced:
                 tensor = _unblock_B(modules[owner], tensor, owner)
             params[name].copy_(tensor)
     return model

@@ -189,12 +189,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
             if step % t.log_every == 0 or step == n_steps:
                 elapsed = time.perf_counter() - window["start"]
                 steps_in_window = step % t.log_every or t.log_every
-                record = {"step": step, "loss": window["loss"] / steps_in_window,
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / elapsed}
+                record = {"step": step, "loss": window["loss"] / steps_in_window, "lr": scheduler.get_last_lr()[0],
+                          "tokens": window["tokens"], "seconds": elapsed, "tokens_per_s": window["tokens"] / elapsed}
                 window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
                 if main:
                     metrics.append(record)
                     progress.update(step, record)
+            paused = time.perf_counter()  # evaluation and saving don't count towards tokens/s
             if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
                 val_loss = evaluate_loss(loss_model, val_set, t.batch_size, pad_id, accelerator.device)
                 if main:
@@ -202,6 +203,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     progress.note(f"step {step}: validation loss {val_loss:.4f}")
             if t.save_every and step % t.save_every == 0:
                 save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints, accelerator)
+            window["start"] += time.perf_counter() - paused
     except KeyboardInterrupt:
         progress.stop()
         if main:

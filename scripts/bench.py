@@ -1,0 +1,284 @@
+"""lorakit against PEFT, side by side in one run: layer-level timings, memory, end to end.
+
+    python scripts/bench.py              # everything (make bench); writes bench.json
+    python scripts/bench.py --quick      # fewer repetitions, tiny model only
+
+Timings alternate the order of the two libraries every repetition after a warm-up and
+report the median of per-repetition lorakit/PEFT ratios with its spread (min-max). PEFT
+against a second PEFT model gives the noise floor first. Peak memory is measured in a
+fresh subprocess per setup (peak RSS on CPU, peak allocated on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SETUPS = {  # name: (targets, r, dropout)
+    "qv r8 d.05": (["q_proj", "v_proj"], 8, 0.05),
+    "qv r8 d0": (["q_proj", "v_proj"], 8, 0.0),
+    "all r16 d.05": ("all-linear", 16, 0.05),
+    "all r16 d0": ("all-linear", 16, 0.0),
+}
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_model(name: str):
+    """A fresh copy of the base: the tiny random Llama, or the embedded SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        cfg = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                          intermediate_size=1376, vocab_size=8192, max_position_embeddings=512)
+        model = LlamaForCausalLM(cfg)
+    else:
+        from lorakit.config import ModelConfig
+        from lorakit.model import load_model
+
+        model = load_model(ModelConfig(dtype="bfloat16" if device() == "cuda" else "float32"))
+    return model.to(device())
+
+
+def with_lora(lib: str, model, targets, r: int, dropout: float):
+    if lib == "lorakit":
+        from lorakit import LoraConfig, add_lora
+
+        return add_lora(model, LoraConfig(r=r, alpha=2 * r, dropout=dropout, target_modules=targets))
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+
+
+def make_step(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_forward(model, batch):
+    model.eval()
+
+    @torch.no_grad()
+    def forward():
+        model(input_ids=batch["input_ids"])
+
+    return forward
+
+
+def timed(fn, iters: int) -> float:
+    if device() == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device() == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def compare(a, b, reps: int, iters: int) -> dict:
+    """Alternating timings of ``a`` and ``b``: medians and the median per-rep ratio a/b."""
+    for fn in (a, b):
+        fn()  # warm-up
+    ta, tb, ratios = [], [], []
+    for rep in range(reps):
+        pair = [(a, ta), (b, tb)] if rep % 2 == 0 else [(b, tb), (a, ta)]
+        for fn, out in pair:
+            out.append(timed(fn, iters))
+        ratios.append(ta[-1] / tb[-1])
+    return {"a_s": statistics.median(ta), "b_s": statistics.median(tb), "ratio": statistics.median(ratios),
+            "spread": [min(ratios), max(ratios)]}
+
+
+def batch_of(vocab: int, b: int, t: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (b, t), generator=gen).to(device())
+    return {"input_ids": ids, "labels": ids}
+
+
+def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dict]:
+    rows = []
+    vocab = 8192 if model_name == "tiny" else 49152
+    train_batch = batch_of(vocab, 4 if model_name == "tiny" else 2, 256)
+    small = batch_of(vocab, 1, 8)
+
+    base = base_model(model_name)
+    base_fwd = make_forward(base, train_batch)
+    base_fwd()
+    t_base = statistics.median(timed(base_fwd, iters) for _ in range(3))
+
+    # Noise floor: PEFT against an identical PEFT model.
+    p1 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch)
+    p2 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch)
+    floor = compare(p1, p2, reps, iters)
+    rows.append({"model": model_name, "what": "noise floor: PEFT / PEFT step (qv r8 d0)", **floor})
+    del p1, p2
+
+    for setup, (targets, r, dropout) in SETUPS.items():
+        if quick and setup.endswith("d.05"):
+            continue
+        lk = make_step(with_lora("lorakit", base_model(model_name), targets, r, dropout), train_batch)
+        pf = make_step(with_lora("peft", base_model(model_name), targets, r, dropout), train_batch)
+        res = compare(lk, pf, reps, iters)
+        res.update(lorakit_step_per_fwd=res["a_s"] / t_base, peft_step_per_fwd=res["b_s"] / t_base)
+        rows.append({"model": model_name, "what": f"train step {setup}", **res})
+        del lk, pf
+
+    # Small-batch unmerged forward, all-linear r=16: overhead over the base forward.
+    lk_model = with_lora("lorakit", base_model(model_name), "all-linear", 16, 0.0)
+    pf_model = with_lora("peft", base_model(model_name), "all-linear", 16, 0.0)
+    small_base = make_forward(base, small)
+    lk, pf = make_forward(lk_model, small), make_forward(pf_model, small)
+    res = compare(lk, pf, reps, iters * 10)
+    b = statistics.median(timed(small_base, iters * 10) for _ in range(3))
+    res.update(lorakit_overhead=res["a_s"] / b - 1, peft_overhead=res["b_s"] / b - 1)
+    rows.append({"model": model_name, "what": "unmerged forward 1x8, all r16", **res})
+
+    # Merged forward against the base itself.
+    from lorakit import merge_lora
+
+    merge_lora(lk_model)
+    res = compare(make_forward(lk_model, train_batch), base_fwd, reps, iters)
+    rows.append({"model": model_name, "what": "merged forward / base forward", **res})
+    return rows
+
+
+def qlora_step(reps: int, iters: int) -> dict:
+    """QLoRA step on the tiny model: lorakit vs PEFT, both on the same 4-bit base."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_model("tiny").save_pretrained(tmp)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16 if device() == "cuda" else torch.float32)
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map={"": device()})
+
+        batch = batch_of(8192, 4, 256)
+        lk = make_step(with_lora("lorakit", load(), *SETUPS["qv r8 d0"]), batch)
+        pf = make_step(with_lora("peft", load(), *SETUPS["qv r8 d0"]), batch)
+        return {"model": "tiny", "what": "QLoRA train step qv r8 d0", **compare(lk, pf, reps, iters)}
+
+
+def peak_memory_child(model_name: str, lib: str, setup: str) -> None:
+    """Run in a subprocess: three training steps, then print the peak memory in MB."""
+    targets, r, dropout = SETUPS[setup]
+    batch = batch_of(8192 if model_name == "tiny" else 49152, 4 if model_name == "tiny" else 2, 256)
+    step = make_step(with_lora(lib, base_model(model_name), targets, r, dropout), batch)
+    for _ in range(3):
+        step()
+    if device() == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_memory(model_name: str, quick: bool) -> list[dict]:
+    rows = []
+    for setup in SETUPS:
+        if quick and setup.endswith("d.05"):
+            continue
+        mb = {}
+        for lib in ("lorakit", "peft"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, lib, setup],
+                                 capture_output=True, text=True, check=True)
+            mb[lib] = float(out.stdout.strip().splitlines()[-1])
+        rows.append({"model": model_name, "what": f"peak memory MB {setup}", "a_s": mb["lorakit"], "b_s": mb["peft"],
+                     "ratio": mb["lorakit"] / mb["peft"], "spread": None})
+    return rows
+
+
+def end_to_end(steps: int) -> dict:
+    """The quickstart config: lorakit train against PEFT + transformers.Trainer."""
+    import tempfile
+
+    from peft_trainer_baseline import run_baseline
+
+    from lorakit.config import load_config
+    from lorakit.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"training.max_steps={steps}", f"training.output_dir={tmp}/lk", "training.eval_every=null",
+                     "training.save_every=null"]
+        cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+        result = train(cfg)
+        steps_rows = [r for r in result.history if "tokens" in r]
+        lk_tps = sum(r["tokens"] for r in steps_rows) / sum(r["seconds"] for r in steps_rows)
+        lk_val = [r["val_loss"] for r in result.history if "val_loss" in r][-1]
+        base = run_baseline(cfg)
+    return {"model": "SmolLM2", "what": f"end to end quickstart, {steps} steps: tokens/s",
+            "a_s": lk_tps, "b_s": base["tokens_per_s"], "ratio": lk_tps / base["tokens_per_s"], "spread": None,
+            "lorakit_val_loss": lk_val, "peft_val_loss": base["val_loss"]}
+
+
+def show(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lorakit / PEFT on {device()} ({platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads)")
+    for column in ("model", "what", "lorakit", "PEFT", "ratio", "spread", "notes"):
+        table.add_column(column)
+    for r in rows:
+        notes = []
+        if "lorakit_step_per_fwd" in r:
+            notes.append(f"step/fwd {r['lorakit_step_per_fwd']:.2f} vs {r['peft_step_per_fwd']:.2f}")
+        if "lorakit_overhead" in r:
+            notes.append(f"overhead {r['lorakit_overhead']:+.1%} vs {r['peft_overhead']:+.1%}")
+        if "lorakit_val_loss" in r:
+            notes.append(f"val loss {r['lorakit_val_loss']:.4f} vs {r['peft_val_loss']:.4f}")
+        spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
+        table.add_row(r["model"], r["what"], f"{r['a_s']:.4g}", f"{r['b_s']:.4g}", f"{r['ratio']:.2f}", spread,
+                      "; ".join(notes))
+    Console(width=160).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "LIB", "SETUP"), help=argparse.SUPPRESS)
+    parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
+    parser.add_argument("--output", default="bench.json")
+    args = parser.parse_args()
+    if args.memory_child:
+        return peak_memory_child(*args.memory_child)
+    reps, iters = (3, 1) if args.quick else (5, 2)
+    rows = layer_level("tiny", reps, iters * 2, args.quick) + [qlora_step(reps, 1)] + peak_memory("tiny", args.quick)
+    if not args.quick:
+        rows += layer_level("smollm2", reps, 1, quick=True) + peak_memory("smollm2", quick=True)
+        if args.e2e_steps:
+            rows.append(end_to_end(args.e2e_steps))
+    show(rows)
+    Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
+                                             "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
