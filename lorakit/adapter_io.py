@@ -226,6 +226,40 @@ def _in_modules_to_save(name: str, config: LoraConfig) -> bool:
     return any(owner == e or owner.endswith("." + e) for e in config.modules_to_save or [])
 
 
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = " (only the pickle-based adapter_model.bin is there, which lorakit never loads)"
+        raise LoraError(f"{path}: no {WEIGHTS_NAME}{pickled if (path / 'adapter_model.bin').exists() else ''}")
+    state = load_file(weights)
+    return {k if k.startswith(PREFIX) else PREFIX + k.removeprefix("base_model."): v for k, v in state.items()}
+
+
+def _problems(model: nn.Module, config: LoraConfig, patterns: dict, state: dict) -> list[str]:
+    try:
+        expected = _expected_shapes(model, config, patterns)
+    except LoraError as e:
+        return [str(e)]
+    problems = [f"the adapter has {k}, which is no LoRA target of this {type(model).__name__}"
+                for k in state if k not in expected]
+    for key, shape in expected.items():
+        if key not in state:
+            problems.append(f"it has no tensor for {key}")
+        elif tuple(state[key].shape) != shape:
+            problems.append(f"{key} has shape {tuple(state[key].shape)}, the model needs {shape}")
+    return problems
+
+
+def check_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Every way the adapter in ``directory`` does not fit ``model`` (empty when it fits).
+
+    Only names and shapes are compared, so a weightless (meta-device) model will do.
+    """
+    path = Path(directory)
+    config, patterns = read_adapter_config(path)
+    return _problems(model, config, patterns, _load_state(path))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter (lorakit's or PEFT's) onto ``model``.
 
@@ -238,31 +272,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     path = Path(directory)
     config, patterns = read_adapter_config(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = " (only the pickle-based adapter_model.bin is there, which lorakit never loads)"
-        raise LoraError(f"{path}: no {WEIGHTS_NAME}{pickled if (path / 'adapter_model.bin').exists() else ''}")
-    state = load_file(weights)
-    state = {k if k.startswith(PREFIX) else PREFIX + k.removeprefix("base_model."): v for k, v in state.items()}
-    try:
-        expected = _expected_shapes(model, config, patterns)
-    except LoraError as e:
-        raise LoraError(f"{path} does not fit {type(model).__name__}: {e}") from e
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise LoraError(
-            f"{path} does not fit this model: the adapter has {unexpected[0]}{more}, "
-            f"which is no LoRA target of this {type(model).__name__}"
-        )
-    for key, shape in expected.items():
-        if key not in state:
-            raise LoraError(f"{path} does not fit this model: it has no tensor for {key}")
-        if tuple(state[key].shape) != shape:
-            raise LoraError(
-                f"{path} does not fit this model: {key} has shape {tuple(state[key].shape)}, "
-                f"the model needs {shape}"
-            )
+    state = _load_state(path)
+    problems = _problems(model, config, patterns, state)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise LoraError(f"{path} does not fit this model: {problems[0]}{more}")
     if not lora_modules(model):
         add_lora(model, config, _pattern_ranks(list(find_targets(model, config)), config, patterns))
     modules = lora_modules(model)

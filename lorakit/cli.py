@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 CONFIG_ARG = typer.Argument(..., help="YAML config file (see configs/README.md for every key).")
 SET_OPT = typer.Option(
@@ -218,6 +220,128 @@ def generate(
                 typer.echo(switcher.answer(line, max_new_tokens))
     except _user_errors() as e:
         _fail(str(e), 1)
+
+
+@app.command()
+def targets(
+    model: str = typer.Argument("default", help="'default', a local checkpoint directory, a .gguf file or a hub id."),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", "-t", help="A spec to try: names or "
+                                                 "roles separated by commas (q,v), 'all-linear', or a regex."),
+    r: int = typer.Option(8, min=1, help="Rank used to count the parameters a spec adds."),
+) -> None:
+    """List a model's linear layers by role, and show what a target spec would adapt.
+
+    Reads only the model's config: no weights are loaded.
+    """
+    _quiet_libraries()
+    from rich.table import Table
+
+    from lorakit.inject import LoraConfig
+    from lorakit.targets import layers, parse_spec, plan_targets, skeleton
+
+    try:
+        tree = skeleton(model)
+        found = layers(tree)
+        table = Table(title=f"{type(tree).__name__}: linear layers by role")
+        for column in ("role", "layers", "name (last part)", "shape in → out", "parameters"):
+            table.add_column(column)
+        for role in dict.fromkeys(layer.role for layer in found):
+            group = [layer for layer in found if layer.role == role]
+            shapes = sorted({(l.d_in, l.d_out) for l in group})
+            table.add_row(role, str(len(group)), ", ".join(sorted({l.name.rsplit(".", 1)[-1] for l in group})),
+                          ", ".join(f"{a} → {b}" for a, b in shapes), f"{sum(l.params for l in group):,}")
+        console.print(table)
+        if target_modules:
+            config = LoraConfig(r=r, target_modules=parse_spec(target_modules))
+            chosen, added, total = plan_targets(tree, config)
+            sliced = sum(1 for roles in chosen.values() if roles)
+            console.print(f"target_modules {config.target_modules!r} adapts {len(chosen)} layers"
+                          + (f" ({sliced} of them on fused-qkv slices)" if sliced else "")
+                          + f", e.g. {next(iter(chosen))}; at r={r} it adds {added:,} trainable parameters, "
+                          f"{100 * added / total:.3f}% of the model's {total:,}")
+    except _user_errors() as e:
+        _fail(str(e), 1)
+
+
+@app.command("inspect")
+def inspect_command(
+    adapter: Path = typer.Argument(..., help="An adapter directory (lorakit's or PEFT's)."),
+    base: Optional[str] = typer.Option(None, help="Check the adapter against this base model (config only)."),
+    plot: Optional[Path] = typer.Option(None, help="Draw per-layer update norms and spectra to this PNG."),
+) -> None:
+    """Show an adapter's files, shapes and settings, and the rank its updates really use.
+
+    Per adapted layer: the norm of ΔW = scaling·B·A, its singular values (computed exactly
+    from the thin factors) and its effective rank at 90% and 99% of the update energy.
+    """
+    _quiet_libraries()
+    from rich.table import Table
+
+    from lorakit.adapter_report import inspect_adapter, plot_report
+
+    try:
+        tree = None
+        if base:
+            from lorakit.targets import skeleton
+
+            tree = skeleton(base)
+        report = inspect_adapter(adapter, tree)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    console.print(f"[bold]{adapter}[/]: " + ", ".join(f"{name} ({size:,} B)" for name, size in report.files.items()))
+    console.print(f"r={report.r}, alpha={report.alpha:g}, scaling={report.scaling:g}; {report.n_tensors} tensors, "
+                  f"{report.n_params:,} parameters, dtype {', '.join(report.dtypes)}")
+    table = Table(title="updates ΔW = scaling·B·A")
+    for column in ("layer", "r", "shape", "‖ΔW‖", "top singular values", "rank@90%", "rank@99%"):
+        table.add_column(column)
+    for m in report.modules:
+        top = ", ".join(f"{v:.3g}" for v in m.singular_values[:4])
+        table.add_row(m.name, str(m.r), f"{m.shape[0]}×{m.shape[1]}", f"{m.norm:.4g}", top, str(m.rank90), str(m.rank99))
+    console.print(table)
+    console.print(f"most layers keep 90% of their update energy within rank {report.recommended_rank} "
+                  f"(trained at r={report.r})")
+    if plot:
+        console.print(f"plot written to {plot_report(report, plot)}")
+    if base:
+        if report.problems:
+            _fail(f"the adapter does not fit {base}:\n  - " + "\n  - ".join(report.problems), 1)
+        console.print(f"fits {base}: every tensor matches a LoRA target, with the right shape")
+
+
+@data_app.command("preview")
+def data_preview(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] = SET_OPT,
+    n: int = typer.Option(3, "--n", min=0, help="How many examples to show."),
+) -> None:
+    """Show training examples as tokens, with the ones that carry loss highlighted.
+
+    Also the share of trained tokens, the length distribution against max_length, and
+    warnings about data that would train badly.
+    """
+    cfg = _load(config, overrides)
+    _quiet_libraries()
+    from rich.text import Text
+
+    from lorakit.data import data_report, length_summary
+    from lorakit.model import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        report = data_report(cfg.data, tokenizer)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    for i, example in enumerate(report.examples[:n]):
+        text = Text(f"--- example {i} ---\n", style="bold")
+        for token, label in zip(example["input_ids"], example["labels"]):
+            text.append(tokenizer.decode([token]), style="bold green" if label != -100 else "dim")
+        console.print(text)
+    console.print("[bold green]green[/] tokens carry loss; [dim]dim[/] ones are context only")
+    console.print(f"{report.rows} rows; {100 * report.trained_share:.1f}% of tokens carry loss; "
+                  + length_summary(report.lengths, cfg.data.max_length)
+                  + f"; {report.over_max_length} rows are cut at max_length")
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
 
 
 @config_app.command("show")

@@ -9,6 +9,7 @@ stop). Everything else is labelled -100.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -124,27 +125,73 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train
     return {"input_ids": ids, "labels": labels}
 
 
-def build_examples(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
-    """Tokenized examples of the train or validation split; rows left with nothing to
-    train after truncation are dropped, with a warning that says how many."""
+@dataclass
+class DataReport:
+    """A split tokenized as training sees it, and what can go wrong with it."""
+
+    examples: list[dict]  # the usable ones: at least one trained token within max_length
+    rows: int
+    lengths: list[int]  # untruncated token counts
+    over_max_length: int
+    trained_share: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
+    """Tokenize a split and collect the problems that silently ruin runs: an EOS that
+    never carries loss, completions cut away by ``max_length``, nothing or everything trained."""
     source = cfg.train if split == "train" else cfg.validation
     rows = load_rows(source, split)
     limit = cfg.validation_limit if split == "validation" else None
-    examples = []
+    examples, lengths = [], []
+    over = trained = total = 0
+    eos_trained = False
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             break
-        example = tokenize(render(row, cfg, tokenizer, index, source), tokenizer,
-                           cfg.max_length, cfg.train_on_prompt)
-        if any(label != IGNORE for label in example["labels"]):
+        full = tokenize(render(row, cfg, tokenizer, index, source), tokenizer, 10**9, cfg.train_on_prompt)
+        lengths.append(len(full["input_ids"]))
+        over += len(full["input_ids"]) > cfg.max_length
+        example = {k: v[: cfg.max_length] for k, v in full.items()}
+        labels = [label for label in example["labels"] if label != IGNORE]
+        trained, total = trained + len(labels), total + len(example["labels"])
+        eos_trained = eos_trained or tokenizer.eos_token_id in labels
+        if labels:
             examples.append(example)
-    dropped = min(len(rows), limit or len(rows)) - len(examples)
+    report = DataReport(examples, len(lengths), lengths, over, trained / max(total, 1))
+    dropped = len(lengths) - len(examples)
     if dropped:
-        logger.warning("%s: %d example(s) had no trained token left within max_length=%d and were "
-                       "dropped", source, dropped, cfg.max_length)
-    if not examples:
-        raise DataError(f"{source}: no usable example (is max_length={cfg.max_length} too small?)")
-    return examples
+        report.warnings.append(f"{dropped} of {len(lengths)} examples had no trained token left within "
+                               f"max_length={cfg.max_length} and are dropped; raise data.max_length to keep them")
+    if not eos_trained:
+        pad = " (and the pad token is the EOS token)" if tokenizer.pad_token_id == tokenizer.eos_token_id else ""
+        report.warnings.append(f"the EOS token never carries loss{pad}: the model will not learn to stop")
+    if report.trained_share == 1 and cfg.format != "text":
+        report.warnings.append("100% of tokens carry loss: the prompt is trained too (train_on_prompt?)")
+    return report
+
+
+def build_examples(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
+    """Tokenized examples of the train or validation split, its warnings logged.
+
+    Raises:
+        DataError: when no example has anything to train.
+    """
+    report = data_report(cfg, tokenizer, split)
+    source = cfg.train if split == "train" else cfg.validation
+    for warning in report.warnings:
+        logger.warning("%s: %s", source, warning)
+    if not report.examples:
+        raise DataError(f"{source}: no usable example: 0% of tokens carry loss within max_length={cfg.max_length}")
+    return report.examples
+
+
+def length_summary(lengths: list[int], max_length: int) -> str:
+    """``min / median / p95 / max`` token lengths against ``max_length``."""
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return (f"tokens per example: min {ordered[0]}, median {ordered[len(ordered) // 2]}, p95 {p95}, "
+            f"max {ordered[-1]} (max_length {max_length})")
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

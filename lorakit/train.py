@@ -62,6 +62,21 @@ def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> tor
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def _check_gradients(model) -> None:
+    """Before the first optimizer step: every adapter must have received a gradient.
+
+    B starts at zero, so A's first gradient is zero by design; B's must not be.
+    """
+    starved = [n for n, m in lora_modules(model).items()
+               if m.lora_B.weight.grad is None or not m.lora_B.weight.grad.any()]
+    if starved:
+        raise TrainingError(
+            f"{len(starved)} of {len(lora_modules(model))} adapted layers received no gradient at the first "
+            f"step (e.g. {starved[0]}): they are cut off from the loss. Usual causes: gradient checkpointing "
+            "without input gradients, or layers the forward pass never uses"
+        )
+
+
 def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_steps``, else ``epochs`` worth of steps."""
     return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -176,6 +191,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     raise TrainingError(f"the loss became {mean_loss} at step {step + 1}{kept}. "
                                         "Try a lower training.lr or training.max_grad_norm")
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and step == 0:
+                    _check_gradients(plain)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()

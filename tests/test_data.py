@@ -73,7 +73,7 @@ def test_truncated_away_completions_are_dropped(tok, tmp_path, caplog):
     rows = [{"prompt": "x" * 50, "completion": "y"}, {"prompt": "z", "completion": "w"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     examples = build_examples(DataConfig(train=path, max_length=20), tok)
-    assert len(examples) == 1 and "1 example(s) had no trained token" in caplog.text
+    assert len(examples) == 1 and "1 of 2 examples had no trained token" in caplog.text
     with pytest.raises(DataError, match="no usable example"):
         build_examples(DataConfig(train=path, max_length=1), tok)
 
