@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,6 @@ class Target:
     model: ModelConfig
     adapter: Path | None
     data: DataConfig | None
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_target(path: str, base: str | None = None) -> Target:
