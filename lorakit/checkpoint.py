@@ -17,10 +17,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lorakit.adapter_io import load_adapter, save_adapter
 from lorakit.config import Config, config_to_dict
+from lorakit.inject import lora_modules
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys that may change between a run and its resumption without changing its result.
@@ -53,7 +54,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: 
     main = accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp / "adapter")
+        if lora_modules(model):
+            save_adapter(model, tmp / "adapter")
+        else:  # full fine-tuning: every weight (tied ones once)
+            tmp.mkdir(parents=True)
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         state = {
             "step": step,
@@ -113,7 +118,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
     if state["processes"] != accelerator.num_processes:
         raise ResumeError(f"cannot resume from {path}: it was written by {state['processes']} process(es), "
                           f"this run has {accelerator.num_processes}; use --num-processes {state['processes']}")
-    load_adapter(model, path / "adapter")
+    if (path / "adapter").is_dir():
+        load_adapter(model, path / "adapter")
+    else:
+        load_model(model, str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(path / f"rng-{accelerator.process_index}.safetensors")

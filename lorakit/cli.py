@@ -223,6 +223,50 @@ def generate(
 
 
 @app.command()
+def sweep(
+    config: Path = CONFIG_ARG,
+    grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid lora.r=4,8,16 --grid "
+                                   "training.lr=2e-4,1e-3; values are YAML ([q,v] is a list)."),
+    overrides: list[str] = SET_OPT,
+    full_finetune: bool = typer.Option(False, "--full-finetune", help="Add full fine-tuning as a reference point."),
+    full_lr: float = typer.Option(2e-5, help="Learning rate of the full fine-tuning point."),
+    metric: list[str] = typer.Option([], "--metric", "-m", help="Also score each point: rouge, bleu, exact_match, "
+                                     "perplexity (validation loss is always reported)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score on the first N validation rows."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Generation length for scored metrics."),
+) -> None:
+    """Train every combination of the grid's values (same steps, same data order) and
+    compare them: trainable parameters, wall time, validation loss and scores.
+
+    Results land in OUTPUT_DIR/sweep/ (a table in sweep.json and a plot in sweep.png);
+    rerunning skips finished points and resumes interrupted ones.
+    """
+    _load(config, overrides)
+    _quiet_libraries()
+    from rich.table import Table
+
+    from lorakit.sweep import plot_sweep, run_sweep
+
+    try:
+        rows = run_sweep(config, overrides, grid, full_finetune, full_lr, metric, limit, max_new_tokens)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    scores = [k for k in rows[0] if k not in ("point", "overrides", "trainable", "seconds")]
+    table = Table(title="lorakit sweep")
+    for column in ("point", "trainable", "seconds", *scores):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for row in rows:
+        table.add_row(row["point"], f"{row['trainable']:,}", f"{row['seconds']:.0f}",
+                      *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else "-" for k in scores))
+    console.print(table)
+    root = Path(load_config(config, overrides).training.output_dir) / "sweep"
+    score = "rouge1" if "rouge1" in scores else "val_loss"
+    console.print(f"results in {root / 'sweep.json'}, plot in {plot_sweep(rows, score, root / 'sweep.png')}")
+
+
+@app.command()
 def targets(
     model: str = typer.Argument("default", help="'default', a local checkpoint directory, a .gguf file or a hub id."),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", "-t", help="A spec to try: names or "

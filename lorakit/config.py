@@ -99,8 +99,13 @@ class TrainingConfig(_Section):
 
 
 class Config(_Section):
-    """A whole training run: ``model``, ``lora``, ``data``, ``training``."""
+    """A whole training run: ``model``, ``lora``, ``data``, ``training``.
 
+    ``method: full`` trains every weight instead of adapters (the reference LoRA is
+    measured against); the ``lora`` section is then ignored.
+    """
+
+    method: Literal["lora", "full"] = "lora"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig

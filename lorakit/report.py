@@ -61,7 +61,8 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
         ("model", f"{cfg.model.name_or_path} ({type(model).__name__})"
                   + (f", {quant.bits}-bit {quant.quant_type}" if quant else "")),
         ("adapted layers", f"{n_adapted} (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, "
-                           f"targets={cfg.lora.target_modules})"),
+                           f"targets={cfg.lora.target_modules})" if cfg.method == "lora"
+                           else "none: full fine-tuning, every weight trains"),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"),
         ("examples", f"{n_train:,} train, {n_val:,} validation"),
         ("effective batch", f"{t.batch_size * t.grad_accum * world} "

@@ -45,10 +45,11 @@ class TrainingInterrupted(RuntimeError):
 class RunResult:
     """What a finished run produced."""
 
-    adapter_dir: Path
+    adapter_dir: Path  # the adapter, or the whole model for method: full
     steps: int
     history: list[dict] = field(default_factory=list)
     main_process: bool = True
+    trainable: int = 0
 
 
 def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.Optimizer:
@@ -82,11 +83,17 @@ def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
     return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
 
 
-def _write_final(out: Path, model, cfg: Config) -> Path:
-    """The adapter plus the resolved config, replaced atomically."""
-    final, tmp = out / "adapter", out / ".adapter.tmp"
+def _write_final(out: Path, model, tokenizer, cfg: Config) -> Path:
+    """The adapter (or, for full fine-tuning, the model and tokenizer) plus the resolved
+    config, replaced atomically."""
+    name = "adapter" if cfg.method == "lora" else "model"
+    final, tmp = out / name, out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
+    if cfg.method == "lora":
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -112,7 +119,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     t = cfg.training
     out = Path(t.output_dir)
     checkpoints = out / "checkpoints"
-    earlier = (out / "adapter").exists() or list_checkpoints(checkpoints)
+    earlier = (out / "adapter").exists() or (out / "model").exists() or list_checkpoints(checkpoints)
     if earlier and not (resume or overwrite):
         raise TrainingError(f"{out} already holds a run; continue it with --resume, "
                             "or start over with --overwrite (deletes its checkpoints)")
@@ -137,7 +144,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         raise TrainingError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
                             f"({t.batch_size} × {world} processes)")
     model = load_model(cfg.model, accelerator.device)
-    add_lora(model, cfg.lora)
+    if cfg.method == "lora":
+        add_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _build_optimizer(params, t)
     # effective batch = batch_size × grad_accum × processes; one optimizer step each
@@ -191,7 +201,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     raise TrainingError(f"the loss became {mean_loss} at step {step + 1}{kept}. "
                                         "Try a lower training.lr or training.max_grad_norm")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and step == 0:
+                if accelerator.sync_gradients and step == 0 and cfg.method == "lora":
                     _check_gradients(plain)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -232,11 +242,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     # Save.
     if main:
         metrics.close()
-    adapter_dir = out / "adapter"
+    adapter_dir = out / ("adapter" if cfg.method == "lora" else "model")
     if main:
-        adapter_dir = _write_final(out, plain, cfg)
+        adapter_dir = _write_final(out, plain, tokenizer, cfg)
         report.loss_plot(out, history)
         report.summary_table(history, adapter_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group, so workers exit cleanly
-    return RunResult(adapter_dir, step, history, main)
+    return RunResult(adapter_dir, step, history, main, trainable)

@@ -18,7 +18,9 @@ def _config(tmp_path, raw):
 def test_help_for_every_command():
     for args, expected in ([["--help"], "train"], [["train", "--help"], "--resume"],
                            [["config", "show", "--help"], "fully resolved"], [["merge", "--help"], "--weights"],
-                           [["eval", "--help"], "--compare-base"], [["generate", "--help"], "--adapter"]):
+                           [["eval", "--help"], "--compare-base"], [["generate", "--help"], "--adapter"],
+                           [["sweep", "--help"], "--grid"], [["targets", "--help"], "--target-modules"],
+                           [["inspect", "--help"], "--base"], [["data", "preview", "--help"], "--n"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and expected in result.output
     assert "--set" in runner.invoke(app, ["train", "--help"]).output

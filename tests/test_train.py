@@ -206,3 +206,18 @@ def test_tensorboard_mirror_when_installed(tiny_model_dir, tmp_path):
     pytest.importorskip("tensorboard")
     _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_full_fine_tuning_mode(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
+    raw["method"] = "full"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    result = _run(raw)
+    assert result.adapter_dir == tmp_path / "run" / "model"
+    tuned = AutoModelForCausalLM.from_pretrained(result.adapter_dir)
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base[k])]
+    assert "model.layers.0.mlp.down_proj.weight" in changed and "model.embed_tokens.weight" in changed
+    assert (result.adapter_dir / "training_config.yaml").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-4" / "model.safetensors").is_file()
+    raw["training"]["max_steps"] = 6
+    assert _run(raw, resume=True).steps == 6  # full-model checkpoints resume too

@@ -1,0 +1,145 @@
+"""``lorakit sweep``: short trainings over a grid of settings, scored on the validation
+split, to choose rank, learning rate and targets by measurement.
+
+Every grid point trains with the same config, steps and data order but for the keys the
+grid sets, into ``<output_dir>/sweep/<point>/``. A point that finished (its
+``result.json`` exists) is never trained again; one that was interrupted resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lorakit.config import ConfigError, load_config
+from lorakit.train import train
+
+
+@dataclass
+class Point:
+    """One grid point: its directory name and the overrides that define it."""
+
+    name: str
+    overrides: list[str]
+
+
+def _split_values(text: str) -> list[str]:
+    """Split on commas outside brackets: ``[q,v],all-linear`` → ``["[q,v]", "all-linear"]``."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p.strip() for p in parts + [current] if p.strip()]
+
+
+def parse_grid(grids: list[str]) -> list[tuple[str, list]]:
+    """``["lora.r=4,8", "training.lr=2e-4,1e-3"]`` → ``[("lora.r", [4, 8]), ("training.lr", [2e-4, 1e-3])]``.
+
+    Raises:
+        ConfigError: for an entry without ``=`` or without values.
+    """
+    parsed = []
+    for item in grids:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not _split_values(values):
+            raise ConfigError("--grid", [f"--grid {item!r}: expected KEY=V1,V2,..., e.g. lora.r=4,8,16"])
+        parsed.append((key.strip(), [_value(v) for v in _split_values(values)]))
+    return parsed
+
+
+def _value(text: str):
+    """YAML, except that ``2e-4`` is a number (YAML 1.1 wants ``2.0e-4``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _slug(key: str, value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return f"{key.rsplit('.', 1)[-1]}={re.sub(r'[^A-Za-z0-9.+-]+', '-', text).strip('-')}"
+
+
+def grid_points(grids: list[tuple[str, list]], full_finetune: bool = False, full_lr: float = 2e-5) -> list[Point]:
+    """Every combination of the grid's values, plus the full fine-tuning reference if asked."""
+    keys = [key for key, _ in grids]
+    points = []
+    for values in itertools.product(*(v for _, v in grids)):
+        name = ",".join(_slug(k, v) for k, v in zip(keys, values))
+        points.append(Point(name, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]))
+    if full_finetune:
+        points.append(Point(f"full,lr={full_lr:g}", ["method=full", f"training.lr={full_lr}"]))
+    return points
+
+
+def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetune: bool = False,
+              full_lr: float = 2e-5, metrics: list[str] | None = None, limit: int | None = None,
+              max_new_tokens: int = 32) -> list[dict]:
+    """Train and score every grid point (skipping finished ones); returns one row per point."""
+    from lorakit.evaluation import resolve_target, run_eval
+
+    base = load_config(config, overrides)  # fails fast on a bad config, before any training
+    root = Path(base.training.output_dir) / "sweep"
+    rows = []
+    for point in grid_points(parse_grid(grids), full_finetune, full_lr):
+        out = root / point.name
+        done = out / "result.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            continue
+        cfg = load_config(config, [*overrides, *point.overrides, f"training.output_dir={out}"])
+        resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
+        start = time.perf_counter()
+        result = train(cfg, resume=resume, overwrite=not resume)
+        row = {"point": point.name, "overrides": point.overrides, "trainable": result.trainable,
+               "seconds": time.perf_counter() - start,
+               "val_loss": next((r["val_loss"] for r in reversed(result.history) if "val_loss" in r), None)}
+        if metrics:
+            scored = run_eval(resolve_target(str(result.adapter_dir)), metrics, limit=limit,
+                              max_new_tokens=max_new_tokens)
+            row.update(scored["model"])
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=2))
+        os.replace(tmp, done)
+        rows.append(row)
+    (root / "sweep.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def plot_sweep(rows: list[dict], score: str, out: Path) -> Path:
+    """``score`` against trainable parameters (log scale), one labelled dot per point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        if row.get(score) is None:
+            continue
+        ax.scatter(row["trainable"], row[score], color="tab:red" if row["point"].startswith("full") else "tab:blue")
+        ax.annotate(row["point"], (row["trainable"], row[score]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(score)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
