@@ -67,6 +67,7 @@ class DataConfig(_Section):
     max_length: int = Field(512, gt=0)
     train_on_prompt: bool = False
     group_by_length: bool = True
+    packing: bool = False
     validation_limit: int | None = Field(None, gt=0)
 
 

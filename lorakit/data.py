@@ -194,8 +194,41 @@ def length_summary(lengths: list[int], max_length: int) -> str:
             f"max {ordered[-1]} (max_length {max_length})")
 
 
+def _packed_row(group: list[dict]) -> dict:
+    labels = [label for e in group for label in e["labels"]]
+    start = 0
+    for e in group[:-1]:  # a later example's first token is not predicted from the one before
+        start += len(e["input_ids"])
+        labels[start] = IGNORE
+    return {"input_ids": [t for e in group for t in e["input_ids"]], "labels": labels,
+            "segments": [len(e["input_ids"]) for e in group]}
+
+
+def pack(examples: list[dict], max_length: int, seed: int) -> list[dict]:
+    """Fill rows of up to ``max_length`` tokens with whole examples, in a seeded order.
+
+    Each row keeps its examples' lengths (``segments``), so that ``collate`` can keep
+    attention and positions inside each example: the loss equals the unpacked one.
+    """
+    groups, current, used = [], [], 0
+    for i in epoch_order(len(examples), seed, epoch=-1):
+        n = len(examples[i]["input_ids"])
+        if current and used + n > max_length:
+            groups.append(current)
+            current, used = [], 0
+        current.append(examples[i])
+        used += n
+    if current:
+        groups.append(current)
+    return [_packed_row(g) for g in groups]
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding has attention 0 and label -100 (EOS labels are kept)."""
+    """Right-pad a batch; padding has attention 0 and label -100 (EOS labels are kept).
+
+    Packed rows get per-example ``position_ids`` and a block-diagonal causal attention
+    mask of shape (batch, 1, length, length).
+    """
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -205,7 +238,21 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "segments" not in examples[0]:
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    segment = torch.full((len(examples), width), -1, dtype=torch.long)  # -1: padding
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        start = 0
+        for k, n in enumerate(e["segments"]):
+            segment[i, start : start + n] = k
+            positions[i, start : start + n] = torch.arange(n)
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    # Padding rows attend to themselves so that no softmax row is empty.
+    blocks = (same & causal) | torch.eye(width, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": blocks[:, None], "labels": labels, "position_ids": positions}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

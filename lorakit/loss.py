@@ -45,10 +45,14 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.sparse = supports_sparse_head(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:  # packed rows
+            inputs["position_ids"] = position_ids
         if not self.sparse:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        body = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return self.model(**inputs, labels=labels).loss
+        body = self.model.base_model(**inputs, use_cache=False)
         hidden = body.last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE

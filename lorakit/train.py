@@ -25,7 +25,7 @@ from lorakit import report
 from lorakit.adapter_io import save_adapter
 from lorakit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
-from lorakit.data import BatchOrder, build_examples, collate
+from lorakit.data import BatchOrder, build_examples, collate, pack
 from lorakit.evaluation import evaluate_loss
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
@@ -139,6 +139,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     # Build.
     tokenizer = load_tokenizer(cfg.model)
     train_set = build_examples(cfg.data, tokenizer, "train")
+    if cfg.data.packing:
+        train_set = pack(train_set, cfg.data.max_length, t.seed)
     val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
     if len(train_set) < t.batch_size * world:
         raise TrainingError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
@@ -192,8 +194,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                 loss = loss_model(**batch)
                 # One reduction gives every process the mean loss (so all agree to stop on
                 # NaN) and the real-token count for tokens/s.
+                real_tokens = sum(len(e["input_ids"]) for e in examples)
                 stats = accelerator.reduce(
-                    torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()]), "sum")
+                    torch.stack([loss.detach().float(), torch.tensor(float(real_tokens), device=loss.device)]), "sum")
                 mean_loss = stats[0].item() / world
                 if not math.isfinite(mean_loss):
                     last = list_checkpoints(checkpoints)

@@ -121,3 +121,28 @@ def test_two_processes_see_what_one_sees_with_accumulation():
     one, two = BatchOrder(lengths, 4, 1, 3, True), BatchOrder(lengths, 4, 2, 3, True)
     for step in range(20):  # across epoch boundaries too
         assert one.indices(2 * step, 0) + one.indices(2 * step + 1, 0) == two.indices(step, 0) + two.indices(step, 1)
+
+
+def test_packed_loss_equals_padded_loss():
+    import torch
+
+    from conftest import build
+    from lorakit.data import pack
+    from lorakit.loss import CausalLMLoss
+
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 9, 3, 7, 11, 4):
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        labels = [IGNORE] * (n // 2) + ids[n // 2:]
+        examples.append({"input_ids": ids, "labels": labels})
+    examples[2]["labels"] = list(examples[2]["input_ids"])  # a fully trained example (text format)
+    rows = pack(examples, max_length=16, seed=0)
+    assert sorted(n for r in rows for n in r["segments"]) == sorted(len(e["input_ids"]) for e in examples)
+    assert all(len(r["input_ids"]) <= 16 for r in rows) and len(rows) < len(examples)
+    for arch in ("llama", "gpt2", "gpt_neox"):
+        loss = CausalLMLoss(build(arch))
+        with torch.no_grad():
+            padded = loss(**collate(examples, pad_id=0))
+            packed = loss(**collate(rows, pad_id=0))
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
