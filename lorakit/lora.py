@@ -181,6 +181,9 @@ class LoRALinear(nn.Module):
                 "precision. Use unload_lora(model), which writes a dequantized layer instead."
             )
         weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise LoraError(f"cannot merge into a {weight.dtype} weight (an 8-bit base): use `lorakit merge`, "
+                            "which folds the adapter into the full-precision base")
         merged = weight.float() + self.delta_weight()
         if not torch.isfinite(merged).all():
             raise LoraError("merging produced NaN/inf weights: the adapter is broken")

@@ -236,3 +236,17 @@ def test_packing_trains_on_fewer_longer_rows(tiny_model_dir, tmp_path):
 def test_eight_bit_adamw_runs_on_cpu(tiny_model_dir, tmp_path):
     result = _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2, optimizer="adamw_8bit"))
     assert result.steps == 2
+
+
+def test_eight_bit_base_trains_and_refuses_in_place_merge(tiny_model_dir, tmp_path):
+    from lorakit import LoraError, merge_lora
+    from lorakit.config import ModelConfig
+    from lorakit.model import load_model
+
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=3)
+    raw["model"]["quantization"] = {"bits": 8}
+    assert _run(raw).steps == 3
+    model = load_adapter(load_model(ModelConfig(name_or_path=tiny_model_dir, quantization={"bits": 8})),
+                         tmp_path / "run" / "adapter")
+    with pytest.raises(LoraError, match="8-bit base"):
+        merge_lora(model)
