@@ -27,4 +27,4 @@ demo: install
 
 # lorakit against PEFT side by side (layer level, memory, end to end); writes bench.json.
 bench: install
-	$(PY) scripts/bench.py --output bench.json
+	$(PY) scripts/bench.py --output scripts/results/bench.json

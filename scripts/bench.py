@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "LIB", "SETUP"), help=argparse.SUPPRESS)
     parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
-    parser.add_argument("--output", default="bench.json")
+    parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
