@@ -26,7 +26,7 @@ def test_quickstart_runs_a_few_steps_on_smollm2(tmp_path, monkeypatch):
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
     peft = pytest.importorskip("peft")
     from lorakit import load_adapter
