@@ -100,9 +100,12 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     """The tokenizer, with a pad token (the EOS token when the model has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        path or resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path or resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.name_or_path: cannot load a tokenizer from {cfg.name_or_path!r}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

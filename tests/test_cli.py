@@ -69,3 +69,18 @@ def test_wrong_target_exits_1_listing_layers(tiny_model_dir, tmp_path):
     raw["lora"]["target_modules"] = ["query"]
     result = runner.invoke(app, ["train", _config(tmp_path, raw)])
     assert result.exit_code == 1 and "q_proj" in result.output and "'query'" in result.output
+
+
+def test_missing_models_are_clean_errors(tiny_model_dir, tmp_path):
+    missing = runner.invoke(app, ["targets", str(tmp_path / "no-such-model")])
+    assert missing.exit_code == 1 and "cannot read a model config" in missing.output
+    raw = tiny_config(tmp_path, tiny_model_dir)
+    (tmp_path / "empty").mkdir()
+    raw["model"]["name_or_path"] = str(tmp_path / "empty")  # exists, holds no model
+    result = runner.invoke(app, ["train", _config(tmp_path, raw)])
+    assert result.exit_code == 1 and "cannot load a tokenizer" in result.output
+
+
+def test_bad_sweep_grid_exits_2(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["sweep", _config(tmp_path, tiny_config(tmp_path, tiny_model_dir)), "--grid", "lora.r"])
+    assert result.exit_code == 2 and "expected KEY=V1,V2" in result.output
