@@ -165,19 +165,20 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict]
     return config, {k: peft.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
 
 
+def pattern_value(pattern: dict | None, name: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key matching the end of ``name``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def _pattern_ranks(names: list[str], config: LoraConfig, patterns: dict) -> dict[str, tuple[int, float]]:
     """Per-module ``(r, alpha)`` from PEFT's ``rank_pattern``/``alpha_pattern``."""
-
-    def lookup(pattern: dict, name: str, default):
-        for key, value in pattern.items():
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        return default
-
     ranks = {}
     for name in names:
-        r = lookup(patterns.get("rank_pattern") or {}, name, config.r)
-        alpha = lookup(patterns.get("alpha_pattern") or {}, name, config.alpha)
+        r = pattern_value(patterns.get("rank_pattern"), name, config.r)
+        alpha = pattern_value(patterns.get("alpha_pattern"), name, config.alpha)
         if (r, alpha) != (config.r, config.alpha):
             ranks[name] = (r, alpha)
     return ranks

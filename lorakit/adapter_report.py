@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from lorakit.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_adapter, read_adapter_config
+from lorakit.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_adapter, pattern_value, read_adapter_config
 
 
 @dataclass
@@ -65,13 +64,6 @@ def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int((kept < energy - 1e-12).sum()) + 1
 
 
-def _pattern(pattern: dict, name: str, default):
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def inspect_adapter(directory: str | Path, base: torch.nn.Module | None = None) -> AdapterReport:
     """Read an adapter directory (lorakit's or PEFT's) and analyse every update.
 
@@ -93,8 +85,8 @@ def inspect_adapter(directory: str | Path, base: torch.nn.Module | None = None) 
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         name = key[len(PREFIX) : -len(".lora_A.weight")]
         A, B = tensors[key], tensors[f"{PREFIX}{name}.lora_B.weight"]
-        r = _pattern(peft.get("rank_pattern"), name, peft.get("r", A.shape[0]))
-        alpha = _pattern(peft.get("alpha_pattern"), name, peft.get("lora_alpha", 8))
+        r = pattern_value(peft.get("rank_pattern"), name, peft.get("r", A.shape[0]))
+        alpha = pattern_value(peft.get("alpha_pattern"), name, peft.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(r) if peft.get("use_rslora") else alpha / r
         sv = spectrum(A, B, scaling)
         modules.append(ModuleSpectrum(name, A.shape[0], (B.shape[0], A.shape[1]), float(sv.norm()),

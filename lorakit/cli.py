@@ -241,7 +241,7 @@ def sweep(
     Results land in OUTPUT_DIR/sweep/ (a table in sweep.json and a plot in sweep.png);
     rerunning skips finished points and resumes interrupted ones.
     """
-    _load(config, overrides)
+    cfg = _load(config, overrides)
     _quiet_libraries()
     from rich.table import Table
 
@@ -261,7 +261,7 @@ def sweep(
         table.add_row(row["point"], f"{row['trainable']:,}", f"{row['seconds']:.0f}",
                       *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else "-" for k in scores))
     console.print(table)
-    root = Path(load_config(config, overrides).training.output_dir) / "sweep"
+    root = Path(cfg.training.output_dir) / "sweep"
     score = "rouge1" if "rouge1" in scores else "val_loss"
     console.print(f"results in {root / 'sweep.json'}, plot in {plot_sweep(rows, score, root / 'sweep.png')}")
 

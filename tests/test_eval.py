@@ -126,3 +126,13 @@ def test_merge_command_errors(adapters, tmp_path):
     assert refused.exit_code == 1 and "--force" in refused.output
     missing = runner.invoke(app, ["merge", str(tmp_path / "nothing"), "--output", str(tmp_path / "m")])
     assert missing.exit_code == 1 and "adapter_config.json" in missing.output
+
+
+def test_eval_merge_inspect_input_errors(adapters, tmp_path):
+    no_data = runner.invoke(app, ["eval", str(tmp_path)])  # a directory with no model and no data
+    assert no_data.exit_code == 1 and "no data to evaluate on: pass --data FILE" in no_data.output
+    for flag, value, message in (("--dtype", "int8", "choose one of float32"), ("--into", "nf4", "choose dequantized")):
+        bad = runner.invoke(app, ["merge", str(adapters["a"]), "--output", str(tmp_path / "m"), flag, value])
+        assert bad.exit_code == 1 and message in bad.output
+    not_adapter = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert not_adapter.exit_code == 1 and "no adapter_config.json here" in not_adapter.output
