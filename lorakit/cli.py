@@ -307,6 +307,41 @@ def targets(
         _fail(str(e), 1)
 
 
+@app.command()
+def plan(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] = SET_OPT,
+    num_processes: int = typer.Option(1, "--num-processes", min=1, help="Processes the run will use."),
+    measure: int = typer.Option(0, "--measure", min=0, metavar="N",
+                                help="Also run N real training steps and print their measured peak memory."),
+) -> None:
+    """Before training: parameters, tokens, steps and the memory the run will need.
+
+    Memory is split into base weights, trainable weights, gradients, optimizer states
+    and activations (with and without gradient checkpointing), estimated without
+    allocating anything. The data is tokenized as training will see it.
+    """
+    cfg = _load(config, overrides)
+    _quiet_libraries()
+    from lorakit.memory import measure_peak
+    from lorakit.plan import make_plan
+    from lorakit.report import plan_tables
+
+    try:
+        result = make_plan(cfg, num_processes)
+        measured = None
+        if measure:
+            console.print(f"measuring {measure} training step(s)...")
+            console.quiet = True  # the short run's own tables would bury the plan
+            try:
+                measured = (measure, measure_peak(cfg, measure))
+            finally:
+                console.quiet = False
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    plan_tables(result, cfg, num_processes, measured)
+
+
 @app.command("inspect")
 def inspect_command(
     adapter: Path = typer.Argument(..., help="An adapter directory (lorakit's or PEFT's)."),

@@ -266,6 +266,8 @@ def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed:
 
     Sorting happens within windows of 64 batches of the shuffled order, and the batches
     are shuffled again, so batch contents stay random while padding nearly vanishes.
+    The batch with the longest example goes first, so a run that will not fit in
+    memory fails at its first step rather than hours in.
     """
     window = batch_size * 64
     batches = []
@@ -275,6 +277,9 @@ def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed:
     full = [b for b in batches if len(b) == batch_size]
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
     shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    if shuffled:
+        longest = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
+        shuffled.insert(0, shuffled.pop(longest))
     return [i for batch in shuffled for i in batch] + [i for b in batches if len(b) < batch_size for i in b]
 
 

@@ -115,8 +115,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
     """The base model on ``device``, prepared for adapter training.
 
     Quantized bases keep their non-quantized weights (norms, embeddings, head) in
-    float32, and gradient checkpointing turns on input gradients so the adapters of the
-    first block still receive a gradient.
+    float32.
     """
     path = resolve_model_path(cfg.name_or_path)
     quant = quantization_config(cfg)
@@ -139,10 +138,23 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    Input gradients are switched on so that the first block's adapters still receive a
+    gradient through the checkpointed blocks.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 renamed it
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
 
 
 def adapter_base_config(adapter_dir: Path, base: str | None = None) -> ModelConfig:

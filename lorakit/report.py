@@ -134,3 +134,54 @@ def summary_table(history: list[dict], adapter_dir: Path) -> None:
         table.add_row("validation loss", " → ".join(f"{v:.4f}" for v in (val[0], val[-1])[: len(val)]))
     table.add_row("adapter", str(adapter_dir))
     console.print(table)
+
+
+def size(n_bytes: float) -> str:
+    """``1536`` → ``1.5 KB``: decimal units, three significant digits."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n_bytes) < 1000 or unit == "GB":
+            return f"{n_bytes:.3g} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def plan_tables(plan, cfg, processes: int, measured: tuple[int, int] | None = None) -> None:
+    """``lorakit plan``'s report: the run's size, then its memory with and without
+    gradient checkpointing (and the measured peak, when one was taken)."""
+    t, m = cfg.training, plan.memory
+    table = Table(title="lorakit plan", show_header=False)
+    rows = [
+        ("parameters", f"{m.trainable_params:,} trainable of {m.total_params:,} "
+                       f"({100 * m.trainable_params / m.total_params:.3f}%)"),
+        ("training rows", f"{plan.examples:,}" + (" (packed)" if cfg.data.packing else "")
+                          + f", longest {plan.longest} tokens (max_length {cfg.data.max_length})"),
+        ("tokens per epoch", f"{plan.tokens_per_epoch:,}, of which {plan.trained_tokens_per_epoch:,} carry loss "
+                             f"({100 * plan.trained_tokens_per_epoch / plan.tokens_per_epoch:.1f}%)"),
+        ("effective batch", f"{plan.effective_batch} = {t.batch_size} × {t.grad_accum} accumulation "
+                            f"× {processes} process(es)"),
+        ("steps", f"{plan.steps:,} ({plan.steps_per_epoch:,} per epoch, {plan.epochs:.2f} epochs)"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    memory = Table(title=f"memory per process, heaviest micro-batch {t.batch_size} × {plan.longest} tokens")
+    memory.add_column("part")
+    for on in (False, True):
+        mark = " (configured)" if on == m.checkpointing else ""
+        memory.add_column(f"checkpointing {'on' if on else 'off'}{mark}", justify="right")
+    quant = cfg.model.quantization
+    for part, value, note in [
+        ("base weights", m.weights, f" ({quant.bits}-bit)" if quant else ""),
+        ("trainable weights", m.adapters, ""),
+        ("gradients", m.gradients, ""),
+        (f"optimizer states ({t.optimizer})", m.optimizer, ""),
+    ]:
+        memory.add_row(part + note, size(value), size(value))
+    memory.add_row("activations", size(m.activations), size(m.activations_checkpointed))
+    memory.add_row("[bold]estimated peak[/]", size(m.total(False)), size(m.total(True)))
+    if measured is not None:
+        steps, peak = measured
+        cells = [f"{size(peak)} (estimate/measured {m.total() / peak:.2f})" if on == m.checkpointing else "-"
+                 for on in (False, True)]
+        memory.add_row(f"[bold]measured peak[/] ({steps} step{'s' if steps > 1 else ''})", *cells)
+    console.print(memory)

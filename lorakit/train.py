@@ -78,6 +78,12 @@ def _check_gradients(model) -> None:
         )
 
 
+def epoch_steps(n_examples: int, t: TrainingConfig, processes: int) -> int:
+    """Optimizer steps in one pass over ``n_examples``: one per effective batch
+    (``batch_size × grad_accum × processes``)."""
+    return max(1, n_examples // (t.batch_size * processes) // t.grad_accum)
+
+
 def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_steps``, else ``epochs`` worth of steps."""
     return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -152,9 +158,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _build_optimizer(params, t)
-    # effective batch = batch_size × grad_accum × processes; one optimizer step each
-    steps_per_epoch = max(1, len(train_set) // (t.batch_size * world) // t.grad_accum)
-    n_steps = total_steps(t, steps_per_epoch)
+    n_steps = total_steps(t, epoch_steps(len(train_set), t, world))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
     loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
     plain = accelerator.unwrap_model(loss_model).model

@@ -1,0 +1,217 @@
+"""Training memory, estimated before a run and measured during one.
+
+The estimate never allocates: the model is built from its config under PyTorch's
+``FakeTensorMode`` (tensors with shapes and dtypes but no data), LoRA is added, and
+one forward and backward pass runs at the configured batch and length while
+``LiveTensorBytes`` counts the bytes of every tensor alive at each moment. The peak
+of that pass, minus the weights it touched, is the activation memory (once without
+and once with gradient checkpointing). Weights, adapters, gradients and optimizer
+states are counted exactly from parameter shapes and dtypes, with 4-bit weights at
+their packed size.
+
+The measurement runs real training steps. On a GPU it reads the CUDA allocator's
+peak; on the CPU, which has no allocator statistics, the same ``LiveTensorBytes``
+counter watches the real run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorakit.config import Config
+from lorakit.inject import add_lora
+from lorakit.loss import supports_sparse_head
+from lorakit.model import DTYPES, enable_checkpointing, resolve_model_path
+
+# bitsandbytes 4-bit: half a byte per weight, one float32 absmax per 64 weights; with
+# double quantization the absmax is itself 8-bit (plus a float32 per 256 of those).
+_BLOCK = 64
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes held by live tensors, and their peak, while the mode is active.
+
+    Every tensor an operation reads or writes is counted once (by storage) until it is
+    freed; tensors that exist before the mode starts count from their first use.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # sparse and other storage-less tensors
+            return
+        key = id(storage)
+        if key in self._alive:
+            return
+        size = storage.nbytes()
+
+        def freed(_, key: int = key, size: int = size) -> None:
+            self._alive.pop(key, None)
+            self.current -= size
+
+        self._alive[key] = weakref.ref(storage, freed)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten((args, kwargs, out))[0]:
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of a training run's memory."""
+
+    weights: int  # the frozen base (packed when quantized)
+    adapters: int  # trainable parameters
+    gradients: int
+    optimizer: int  # optimizer states
+    activations: int  # saved for backward, plus the pass's transient peak
+    activations_checkpointed: int  # the same with gradient checkpointing
+    checkpointing: bool  # what the config asks for
+    trainable_params: int
+    total_params: int
+
+    def total(self, checkpointing: bool | None = None) -> int:
+        """Peak bytes of a training step, with or without gradient checkpointing."""
+        on = self.checkpointing if checkpointing is None else checkpointing
+        activations = self.activations_checkpointed if on else self.activations
+        return self.weights + self.adapters + self.gradients + self.optimizer + activations
+
+
+def _compute_dtype(cfg: Config, config) -> torch.dtype:
+    if cfg.model.quantization is not None:
+        return DTYPES[cfg.model.quantization.compute_dtype]
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    return getattr(config, "dtype", None) or torch.float32
+
+
+def _weight_bytes(model: torch.nn.Module, cfg: Config) -> int:
+    """Frozen parameters at their loaded size: packed for 4-bit and 8-bit bases."""
+    q = cfg.model.quantization
+    quantized = set()
+    if q is not None:
+        head = model.get_output_embeddings()
+        quantized = {id(m.weight) for m in model.modules()
+                     if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad}
+    total = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        n = param.numel()
+        if id(param) not in quantized:
+            # quantized bases keep their other weights in float32 (see model.load_model)
+            total += n * (4 if q is not None else param.element_size())
+        elif q.bits == 8:
+            total += n + 4 * param.shape[0]  # int8 plus one float32 scale per row
+        else:
+            absmax = n // _BLOCK * (1 + 4 / 256) if q.double_quant else n // _BLOCK * 4
+            total += n // 2 + int(absmax)
+    return total
+
+
+def _optimizer_bytes(trainable: list[torch.nn.Parameter], optimizer: str) -> int:
+    n = sum(p.numel() for p in trainable)
+    if optimizer == "adamw":  # two states in the parameter's dtype
+        return sum(2 * p.numel() * p.element_size() for p in trainable)
+    return 2 * n + 2 * 4 * (n // 256 + 1)  # 8-bit states with a float32 absmax per 256
+
+
+def _activation_peak(model: torch.nn.Module, batch_size: int, length: int, trained_rows: int,
+                     autocast: torch.dtype | None) -> int:
+    """Peak bytes of one forward and backward pass, beyond the weights it reads."""
+    ids = torch.zeros(batch_size, length, dtype=torch.long)
+    mask = torch.ones(batch_size, length, dtype=torch.long)
+    counter = LiveTensorBytes()
+    with counter, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        if supports_sparse_head(model):
+            # the training loss keeps only labelled positions (lorakit.loss); here, the first ones
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            rows = hidden.flatten(0, 1)[torch.arange(trained_rows)]
+            logits = model.get_output_embeddings()(rows)
+            loss = F.cross_entropy(logits.float(), torch.zeros(trained_rows, dtype=torch.long))
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(0, counter.peak - weights)
+
+
+def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int) -> MemoryEstimate:
+    """The memory a training step of ``cfg`` needs, computed without allocating it.
+
+    Args:
+        cfg: the run's config (model, LoRA, quantization, optimizer, precision).
+        batch_size: sequences per micro-batch.
+        length: tokens per sequence (the longest batch's length).
+        trained_rows: positions per micro-batch that carry a loss (at most
+            ``batch_size × (length - 1)``).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
+    rows = min(trained_rows, batch_size * (length - 1))
+    with FakeTensorMode():
+        model = AutoModelForCausalLM.from_config(config, dtype=_compute_dtype(cfg, config),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.method == "lora":
+            add_lora(model, cfg.lora)
+        model.train()
+        for param in model.parameters():
+            if param.requires_grad:  # gradients are counted apart: keep only their transient
+                param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        activations = _activation_peak(model, batch_size, length, rows, autocast)
+        enable_checkpointing(model)
+        checkpointed = _activation_peak(model, batch_size, length, rows, autocast)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    return MemoryEstimate(
+        weights=_weight_bytes(model, cfg),
+        adapters=trainable_bytes,
+        gradients=trainable_bytes,
+        optimizer=_optimizer_bytes(trainable, cfg.training.optimizer),
+        activations=activations,
+        activations_checkpointed=checkpointed,
+        checkpointing=cfg.model.gradient_checkpointing,
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def measure_peak(cfg: Config, steps: int) -> int:
+    """Peak bytes of ``steps`` real training steps of ``cfg`` (one process, no
+    validation, no checkpoints, output to a temporary directory)."""
+    from lorakit.train import train
+
+    with tempfile.TemporaryDirectory(prefix="lorakit-measure-") as tmp:
+        run = cfg.model_copy(deep=True)
+        run.data.validation = None
+        run.training = run.training.model_copy(update={
+            "max_steps": steps, "epochs": None, "save_every": None, "eval_every": None, "output_dir": tmp})
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            train(run)
+            return torch.cuda.max_memory_allocated()
+        with LiveTensorBytes() as counter:
+            train(run)
+        return counter.peak

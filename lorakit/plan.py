@@ -1,0 +1,58 @@
+"""``lorakit plan``: what a config will cost, before any training.
+
+The data is tokenized exactly as training will see it (the steps and tokens are
+exact); memory comes from ``lorakit.memory``'s estimate at the longest batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorakit.config import Config
+from lorakit.data import IGNORE, build_examples, pack
+from lorakit.memory import MemoryEstimate, estimate_memory
+from lorakit.model import load_tokenizer
+from lorakit.train import epoch_steps, total_steps
+
+
+@dataclass
+class Plan:
+    """The numbers of a run that can be known before it starts."""
+
+    examples: int  # training rows (packed rows when data.packing is on)
+    tokens_per_epoch: int
+    trained_tokens_per_epoch: int  # tokens that carry loss
+    longest: int  # tokens in the longest row
+    effective_batch: int
+    steps_per_epoch: int
+    steps: int
+    epochs: float
+    memory: MemoryEstimate
+
+
+def make_plan(cfg: Config, processes: int = 1) -> Plan:
+    """Tokenize the training data and estimate the run's memory (per process)."""
+    t = cfg.training
+    tokenizer = load_tokenizer(cfg.model)
+    examples = build_examples(cfg.data, tokenizer, "train")
+    if cfg.data.packing:
+        examples = pack(examples, cfg.data.max_length, t.seed)
+    lengths = [len(e["input_ids"]) for e in examples]
+    trained = [sum(label != IGNORE for label in e["labels"][1:]) for e in examples]
+    per_epoch = epoch_steps(len(examples), t, processes)
+    steps = total_steps(t, per_epoch)
+    # The heaviest micro-batch: the longest rows padded to the longest length, with the
+    # most trained tokens.
+    batch = min(t.batch_size, len(examples))
+    memory = estimate_memory(cfg, batch, max(lengths), sum(sorted(trained)[-batch:]))
+    return Plan(
+        examples=len(examples),
+        tokens_per_epoch=sum(lengths),
+        trained_tokens_per_epoch=sum(trained),
+        longest=max(lengths),
+        effective_batch=t.batch_size * t.grad_accum * processes,
+        steps_per_epoch=per_epoch,
+        steps=steps,
+        epochs=steps / per_epoch,
+        memory=memory,
+    )
