@@ -1,7 +1,8 @@
 """Training checkpoints: written whole or not at all, and resumed exactly.
 
-``checkpoints/step-N/`` holds the adapter (PEFT format), ``optimizer.pt`` (tensors
-only, read back with ``weights_only=True``), ``state.json`` (step, which fixes the data
+``checkpoints/step-N/`` holds the adapter (PEFT format), ``optimizer.pt`` (the whole
+optimizer state keyed by parameter name, tensors only, read back with
+``weights_only=True``; gathered from the shards under FSDP), ``state.json`` (step, which fixes the data
 position; scheduler; process count; config fingerprint) and one ``rng-<rank>.safetensors``
 per process. It is written under a temporary
 name and renamed, so a kill at any moment leaves the previous checkpoint intact.
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from lorakit.adapter_io import load_adapter, save_adapter
 from lorakit.config import Config, config_to_dict
 from lorakit.inject import lora_modules
+from lorakit.sharding import load_optimizer_state, optimizer_state, whole_parameters
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys that may change between a run and its resumption without changing its result.
@@ -52,14 +54,17 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: 
     """
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     main = accelerator.is_main_process
+    moments = optimizer_state(model, optimizer)  # a collective under FSDP: every process takes part
+    with whole_parameters(model):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if lora_modules(model):
+                save_adapter(model, tmp / "adapter")
+            else:  # full fine-tuning: every weight (tied ones once)
+                tmp.mkdir(parents=True)
+                save_model(model, str(tmp / "model.safetensors"))
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if lora_modules(model):
-            save_adapter(model, tmp / "adapter")
-        else:  # full fine-tuning: every weight (tied ones once)
-            tmp.mkdir(parents=True)
-            save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(moments, tmp / "optimizer.pt")
         state = {
             "step": step,
             "processes": accelerator.num_processes,
@@ -118,11 +123,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
     if state["processes"] != accelerator.num_processes:
         raise ResumeError(f"cannot resume from {path}: it was written by {state['processes']} process(es), "
                           f"this run has {accelerator.num_processes}; use --num-processes {state['processes']}")
-    if (path / "adapter").is_dir():
-        load_adapter(model, path / "adapter")
-    else:
-        load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    with whole_parameters(model, write_back=True):
+        if (path / "adapter").is_dir():
+            load_adapter(model, path / "adapter")
+        else:
+            load_model(model, str(path / "model.safetensors"))
+    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(path / f"rng-{accelerator.process_index}.safetensors")
     torch.set_rng_state(rng["cpu"])

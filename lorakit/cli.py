@@ -81,6 +81,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds an earlier run."),
     num_processes: int = typer.Option(1, "--num-processes", min=1, help="Train data-parallel (DDP) on N processes "
                                       "(N GPUs, or N CPU processes on a machine without GPUs), through Accelerate."),
+    accelerate_config: Optional[Path] = typer.Option(
+        None, "--accelerate-config", help="Launch with this Accelerate config instead of plain DDP, e.g. "
+        "configs/accelerate/fsdp.yaml (sharded) or deepspeed-zero2.yaml; --num-processes overrides its count."),
 ) -> None:
     """Fine-tune a model with LoRA as CONFIG says; writes OUTPUT_DIR/adapter (PEFT format).
 
@@ -88,13 +91,13 @@ def train(
     checkpoint; rerun with --resume to continue exactly where it stopped.
     """
     cfg = _load(config, overrides)
-    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if (num_processes > 1 or accelerate_config) and "LOCAL_RANK" not in os.environ:
         from lorakit.launch import LaunchError, launch
 
         args = [str(config), *(f"--set={o}" for o in overrides), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else [])]
         try:
-            raise typer.Exit(launch(num_processes, args))
+            raise typer.Exit(launch(num_processes, args, str(accelerate_config) if accelerate_config else None))
         except LaunchError as e:
             _fail(str(e), 2)
     _quiet_libraries()

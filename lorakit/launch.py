@@ -1,6 +1,6 @@
-"""Starting a data-parallel run: ``lorakit train --num-processes N`` re-runs itself
-under ``accelerate launch``, which starts N processes (torch.distributed; NCCL on GPUs,
-gloo on CPUs) and stops them all when one dies."""
+"""Starting a distributed run: ``lorakit train --num-processes N [--accelerate-config
+FILE]`` re-runs itself under ``accelerate launch``, which starts N processes
+(torch.distributed; NCCL on GPUs, gloo on CPUs) and stops them all when one dies."""
 
 from __future__ import annotations
 
@@ -38,12 +38,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(num_processes: int, train_args: list[str]) -> int:
-    """Run ``lorakit train TRAIN_ARGS`` on ``num_processes`` processes; returns the exit code.
+def read_launch_config(path: str) -> dict:
+    """An Accelerate config file, checked for what this machine can run.
 
     Raises:
-        LaunchError: when the machine has fewer devices than processes asked for.
+        LaunchError: a missing or unreadable file, or DeepSpeed asked for but not installed.
     """
+    import importlib.util
+
+    import yaml
+
+    try:
+        settings = yaml.safe_load(open(path))
+    except OSError as e:
+        raise LaunchError(f"--accelerate-config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise LaunchError(f"--accelerate-config {path}: not valid YAML ({e})") from e
+    if not isinstance(settings, dict) or "distributed_type" not in settings:
+        raise LaunchError(f"--accelerate-config {path}: not an Accelerate config (no distributed_type); "
+                          "see configs/accelerate/")
+    if settings["distributed_type"] == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError(f"--accelerate-config {path} asks for DeepSpeed, which is not installed: "
+                          "pip install deepspeed (it needs CUDA GPUs), or use configs/accelerate/fsdp.yaml")
+    return settings
+
+
+def launch(num_processes: int, train_args: list[str], config_file: str | None = None) -> int:
+    """Run ``lorakit train TRAIN_ARGS`` on ``num_processes`` processes; returns the exit code.
+
+    Args:
+        num_processes: processes to start; 1 with ``config_file`` keeps the file's count.
+        train_args: the ``lorakit train`` arguments each process gets.
+        config_file: an Accelerate config (DDP, FSDP, DeepSpeed); plain DDP without one.
+
+    Raises:
+        LaunchError: when the machine has fewer devices than processes asked for, or the
+            config file cannot be used here.
+    """
+    engine = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if config_file is not None:
+        settings = read_launch_config(config_file)
+        engine = ["--config_file", config_file]
+        if num_processes == 1:
+            num_processes = int(settings.get("num_processes", 1))
     have, kind = available_devices()
     if num_processes > have:
         raise LaunchError(f"--num-processes {num_processes}: this machine has {have} {kind}; "
@@ -52,9 +89,8 @@ def launch(num_processes: int, train_args: list[str]) -> int:
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo on CPU processes
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", str(num_processes), "--num_machines", "1",
-        "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", *engine,
+        "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
         "-m", "lorakit", "train", *train_args,
     ]
     return subprocess.call(command, env=env, preexec_fn=die_with_parent)

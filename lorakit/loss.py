@@ -44,6 +44,8 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.sparse = supports_sparse_head(model)
+        # FSDP shards per transformer block; Accelerate finds the block class here.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,7 +52,7 @@ class MetricsLog:
 
 
 def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_train: int, n_val: int,
-                  world: int, n_steps: int, start: int) -> None:
+                  world: int, n_steps: int, start: int, engine: str = "") -> None:
     """What is about to happen, before the first step."""
     t = cfg.training
     table = Table(title="lorakit train", show_header=False)
@@ -65,6 +65,7 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
                            else "none: full fine-tuning, every weight trains"),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"),
         ("examples", f"{n_train:,} train, {n_val:,} validation"),
+        ("processes", f"{world} ({engine})" if world > 1 else "1"),
         ("effective batch", f"{t.batch_size * t.grad_accum * world} "
                             f"= {t.batch_size} × {t.grad_accum} accumulation × {world} process(es)"),
         ("steps", f"{n_steps}" + (f" (resuming at {start})" if start else "")),

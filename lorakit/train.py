@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss
 from lorakit.model import load_model, load_tokenizer
+from lorakit.sharding import local, whole_parameters
 
 
 class TrainingError(RuntimeError):
@@ -68,11 +70,17 @@ def _check_gradients(model) -> None:
 
     B starts at zero, so A's first gradient is zero by design; B's must not be.
     """
-    starved = [n for n, m in lora_modules(model).items()
-               if m.lora_B.weight.grad is None or not m.lora_B.weight.grad.any()]
+    layers = lora_modules(model)
+    grads = {n: m.lora_B.weight.grad for n, m in layers.items()}
+    device = next(iter(layers.values())).lora_B.weight.device  # NCCL reduces only GPU tensors
+    present = torch.stack([torch.zeros((), device=device) if g is None else local(g).abs().sum().float()
+                           for g in grads.values()])
+    if torch.distributed.is_initialized():  # under FSDP each process sees a shard of each gradient
+        torch.distributed.all_reduce(present)
+    starved = [n for n, total in zip(grads, present.tolist()) if total == 0]
     if starved:
         raise TrainingError(
-            f"{len(starved)} of {len(lora_modules(model))} adapted layers received no gradient at the first "
+            f"{len(starved)} of {len(layers)} adapted layers received no gradient at the first "
             f"step (e.g. {starved[0]}): they are cut off from the loss. Usual causes: gradient checkpointing "
             "without input gradients, or layers the forward pass never uses"
         )
@@ -138,6 +146,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if world > 1:
         die_with_parent()  # torchrun starts workers in their own sessions: tie them to the launcher
+    asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"]
+    if main and asked and accelerator.distributed_type.value != asked[0]:
+        # Accelerate quietly falls back to plain data parallelism on CPUs
+        logging.getLogger("lorakit").warning(
+            "the launch config asks for %s, but Accelerate runs %s here (it shards only on GPUs): "
+            "every process holds the whole model", asked[0], accelerator.distributed_type.value)
     if not main:
         logging.getLogger("lorakit").setLevel(logging.ERROR)  # one copy of each warning
     set_seed(t.seed)
@@ -162,6 +176,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
     loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
     plain = accelerator.unwrap_model(loss_model).model
+    params = [p for p in plain.parameters() if p.requires_grad]  # FSDP replaces them with shards
 
     step = 0
     if resume:
@@ -179,7 +194,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     trainable, total = count_parameters(plain)
     if main:
         report.startup_table(cfg, plain, len(lora_modules(plain)), trainable, total, len(train_set),
-                             len(val_set), world, n_steps, step)
+                             len(val_set), world, n_steps, step, accelerator.distributed_type.value)
 
     # Train.
     loss_model.train()
@@ -250,8 +265,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     if main:
         metrics.close()
     adapter_dir = out / ("adapter" if cfg.method == "lora" else "model")
+    with whole_parameters(plain):
+        if main:
+            adapter_dir = _write_final(out, plain, tokenizer, cfg)
     if main:
-        adapter_dir = _write_final(out, plain, tokenizer, cfg)
         report.loss_plot(out, history)
         report.summary_table(history, adapter_dir)
     accelerator.wait_for_everyone()

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +122,36 @@ def test_more_processes_than_devices_is_refused_before_loading():
     assert result.exit_code == 2 and "CPU core(s)" in result.output
 
 
+def test_launch_config_errors_are_clear_and_early(tmp_path, monkeypatch):
+    import importlib.util
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
+    shipped = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate")
+
+    def run(accelerate_config):
+        return CliRunner().invoke(app, ["train", config, "--accelerate-config", str(accelerate_config)])
+
+    missing = run(tmp_path / "nope.yaml")
+    assert missing.exit_code == 2 and "nope.yaml" in missing.output and "No such file" in missing.output
+    (tmp_path / "other.yaml").write_text("lora: {r: 8}\n")
+    other = run(tmp_path / "other.yaml")
+    assert other.exit_code == 2 and "not an Accelerate config" in other.output
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    deepspeed = run(os.path.join(shipped, "deepspeed-zero2.yaml"))
+    assert deepspeed.exit_code == 2 and "pip install deepspeed" in deepspeed.output
+
+
+def test_fsdp_config_on_cpus_says_it_runs_unsharded(reference, tmp_path):
+    raw, one = reference
+    two = dict(raw, training={**raw["training"], "grad_accum": 1, "max_steps": 2, "output_dir": str(tmp_path / "f")})
+    fsdp = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(_write(tmp_path, two, "f")),
+                           "--accelerate-config", fsdp], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "asks for FSDP, but Accelerate runs MULTI_CPU" in done.stderr and "2 (MULTI_CPU)" in done.stderr
+
+
 def test_a_dying_worker_stops_the_run(reference, tmp_path):
     raw, _ = reference
     slow = dict(raw, training={**raw["training"], "grad_accum": 1, "max_steps": 100000, "save_every": 2,
@@ -159,3 +191,32 @@ def test_qlora_under_ddp(reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(_losses(tmp_path / "q")) == 4
+
+
+
+def _fsdp_on_cpu(tmp_path, raw, *extra):
+    helper = os.path.join(os.path.dirname(__file__), "fsdp_on_cpu.py")
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", helper, "train",
+         str(_write(tmp_path, raw, "run")), *extra],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+
+
+def test_fsdp_shards_yet_trains_and_saves_like_one_process(reference, tmp_path):
+    raw, one = reference
+    run = tmp_path / "fsdp"
+    fsdp = dict(raw, training={**raw["training"], "grad_accum": 1, "output_dir": str(run)})
+    done = _fsdp_on_cpu(tmp_path, fsdp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 (FSDP)" in done.stderr and re.search(r"sharded parameters: [1-9]", done.stderr)
+    assert done.stderr.count("adapter written to") == 1
+    assert _losses(run) == pytest.approx(_losses(one), rel=1e-5)
+    adapter = "adapter/adapter_model.safetensors"
+    assert _close(load_file(run / adapter), load_file(one / adapter))  # whole tensors, gathered from shards
+    # checkpoints hold whole tensors too, and a sharded run resumes from them exactly
+    assert _close(load_file(run / "checkpoints/step-8" / adapter), load_file(one / "checkpoints/step-8" / adapter))
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints/step-12")
+    resumed = _fsdp_on_cpu(tmp_path, fsdp, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _close(load_file(run / adapter), load_file(one / adapter))

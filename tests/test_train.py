@@ -194,7 +194,7 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_model_dir):
     from lorakit.model import load_model
 
     model = load_model(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=True))
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     add_lora(model, LoraConfig(dropout=0.0)).train()
     ids = torch.randint(3, 200, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
