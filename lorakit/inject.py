@@ -18,7 +18,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.lora import LoraError, LoRALinear, is_4bit
+from lorakit.lora import LoraError, LoRALinear, SharedInput, is_4bit
 
 logger = logging.getLogger("lorakit")
 
@@ -245,6 +245,7 @@ def add_lora(
         )
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, wrapper)
+    _group_shared_inputs(model)
     _unfreeze_extras(model, config)
     model.lorakit_config = config
     model.lorakit_slices = {n: roles for n, roles in targets.items() if roles}
@@ -254,6 +255,25 @@ def add_lora(
         len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
     )
     return model
+
+
+# Sibling projections that transformers' decoders call on the same tensor.
+_SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _group_shared_inputs(model: nn.Module) -> None:
+    """Let adapted sibling projections compute their A factors together (``SharedInput``)."""
+    groups: dict[tuple[str, int], list[LoRALinear]] = {}
+    for name, module in lora_modules(model).items():
+        parent, _, leaf = name.rpartition(".")
+        family = next((i for i, names in enumerate(_SHARED_INPUT) if leaf in names), None)
+        if family is not None and not module.sliced:
+            groups.setdefault((parent, family), []).append(module)
+    for members in groups.values():
+        if len(members) > 1 and len({(m.dropout, m.lora_A.weight.dtype, m.in_features) for m in members}) == 1:
+            shared = SharedInput(members)
+            for member in members:
+                member.shared_input = shared
 
 
 def _unfreeze_extras(model: nn.Module, config: LoraConfig) -> None:

@@ -15,6 +15,11 @@ can carry adapters on some output slices only, as loralib's ``MergedLinear``: sl
 ``i`` owns rows ``r·i … r·(i+1)`` of A and its own block of B, and writes only to
 its output rows (``out_index``).
 
+Separate projections that read the same input (q, k and v of one attention; gate and
+up of one MLP) can form a ``SharedInput`` group while training: one dropout mask and one
+matmul against their stacked A factors serve them all, as loralib's ``MergedLinear``
+does for a fused qkv layer. The result for each layer is its own ``A·dropout(x)``.
+
 This module imports torch only; bitsandbytes is imported lazily for 4-bit bases.
 """
 
@@ -60,6 +65,38 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         unpack_cpu_4bit(layer)
         return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     return layer.weight.data
+
+
+class SharedInput:
+    """The down-projections ``A·dropout(x)`` of LoRA layers that read the same ``x``.
+
+    The first member to run computes every member's projection in one matmul; the
+    others take theirs while ``x`` is the same, unchanged tensor. A member that runs
+    twice, or on another input, starts a new round, so the result is always its own.
+    """
+
+    def __init__(self, layers: list[LoRALinear]) -> None:
+        self.layers = layers
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._parts: dict[int, torch.Tensor] = {}
+
+    def down(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input or x._version != self._version or id(layer) not in self._parts:
+            weights = [m._modules["lora_A"]._parameters["weight"] for m in self.layers]
+            if layer.dropout and layer.training:
+                x_in = F.dropout(x, layer.dropout, training=True)
+            else:
+                x_in = x
+            if x_in.dtype != weights[0].dtype:
+                x_in = x_in.to(weights[0].dtype)
+            parts = F.linear(x_in, torch.cat(weights)).split([w.shape[0] for w in weights], -1)
+            self._input, self._version = x, x._version
+            self._parts = {id(m): part for m, part in zip(self.layers, parts)}
+        part = self._parts.pop(id(layer))
+        if not self._parts:
+            self._input = None  # the last member took its part: keep nothing alive
+        return part
 
 
 class LoRALinear(nn.Module):
@@ -112,6 +149,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, n_slices * r, bias=False, **factory)
         self.lora_B = nn.Linear(r, sum(self.slice_sizes), bias=False, **factory)
         self.reset_parameters(init)
+        self.shared_input: SharedInput | None = None  # set by lorakit.inject for sibling projections
         self.train(base_layer.training)  # a wrapper must not switch dropout on in an eval model
 
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -137,13 +175,16 @@ class LoRALinear(nn.Module):
         result = modules["base_layer"](x)
         if self.merged:
             return result
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
-        A = modules["lora_A"]._parameters["weight"]
         B = modules["lora_B"]._parameters["weight"]
-        if x.dtype != A.dtype:
-            x = x.to(A.dtype)
-        a = F.linear(x, A)
+        if self.shared_input is not None and torch.is_grad_enabled():
+            a = self.shared_input.down(self, x)
+        else:
+            if self.dropout and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            A = modules["lora_A"]._parameters["weight"]
+            if x.dtype != A.dtype:
+                x = x.to(A.dtype)
+            a = F.linear(x, A)
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
             delta = torch.cat(parts, -1) * self.scaling

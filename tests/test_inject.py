@@ -211,3 +211,54 @@ def test_remove_lora_restores_the_base(ids):
     assert not lora_modules(model) and not hasattr(model, "lorakit_config")
     torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
     add_lora(model, LoraConfig())  # a fresh adapter can go on again
+
+
+def _without_shared_inputs(model):
+    for module in lora_modules(model).values():
+        module.shared_input = None
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "opt", "phi3"])
+def test_shared_input_groups_equal_separate_projections(arch, ids):
+    """q/k/v (and gate/up) compute A·x together; loss and every gradient match the plain formula."""
+    import copy
+
+    grouped = build(arch)  # eval: OPT's own dropout would differ between the two; grads still flow
+    add_lora(grouped, LoraConfig(target_modules="all-linear", dropout=0.0))
+    randomize_lora(grouped)
+    plain = _without_shared_inputs(copy.deepcopy(grouped))
+    groups = {id(m.shared_input) for m in lora_modules(grouped).values() if m.shared_input is not None}
+    assert len(groups) == {"phi3": 0, "opt": 2}.get(arch, 4)  # per block: attention (+ MLP gate/up)
+    losses = [m(input_ids=ids, labels=ids).loss for m in (grouped, plain)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), (_, b) in zip(grouped.named_parameters(), plain.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shared_input_members_share_one_dropout_mask():
+    layer_q, layer_v = (LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.5) for _ in range(2))
+    from lorakit.lora import SharedInput
+
+    layer_q.shared_input = layer_v.shared_input = SharedInput([layer_q, layer_v])
+    for layer in (layer_q, layer_v):
+        layer.train()
+        torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16)
+    torch.manual_seed(5)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    torch.manual_seed(5)
+    outputs = [layer_q(x), layer_v(x)]
+    for layer, out in zip((layer_q, layer_v), outputs):
+        expected = layer.base_layer(x) + layer.scaling * dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+        torch.testing.assert_close(out, expected)
+    # a member that runs again, or on another input, gets its own projection, never a stale one
+    y = torch.randn(3, 16)
+    for layer in (layer_q, layer_q):
+        layer.eval()
+        with torch.enable_grad():
+            expected = layer.base_layer(y) + layer.scaling * y @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+            torch.testing.assert_close(layer(y), expected)
