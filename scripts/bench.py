@@ -5,8 +5,10 @@
 
 Timings alternate the order of the two libraries every repetition after a warm-up and
 report the median of per-repetition lorakit/PEFT ratios with its spread (min-max). PEFT
-against a second PEFT model gives the noise floor first. Peak memory is measured in a
-fresh subprocess per setup (peak RSS on CPU, peak allocated on CUDA).
+against a second PEFT model gives the noise floor first. Peak memory of three training
+steps is measured in a fresh subprocess per setup: CUDA's peak allocated bytes on a GPU,
+on the CPU the peak bytes of live tensors (``lorakit.memory.LiveTensorBytes``), weights
+included.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -192,12 +193,17 @@ def peak_memory_child(model_name: str, lib: str, setup: str) -> None:
     targets, r, dropout = SETUPS[setup]
     batch = batch_of(8192 if model_name == "tiny" else 49152, 4 if model_name == "tiny" else 2, 256)
     step = make_step(with_lora(lib, base_model(model_name), targets, r, dropout), batch)
-    for _ in range(3):
-        step()
     if device() == "cuda":
+        for _ in range(3):
+            step()
         print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    from lorakit.memory import LiveTensorBytes
+
+    with LiveTensorBytes() as live:  # the CPU allocator keeps no peak: count live tensor bytes
+        for _ in range(3):
+            step()
+    print(live.peak / 2**20)
 
 
 def peak_memory(model_name: str, quick: bool) -> list[dict]:
