@@ -5,7 +5,9 @@
 
 Timings alternate the order of the two libraries every repetition after a warm-up and
 report the median of per-repetition lorakit/PEFT ratios with its spread (min-max). PEFT
-against a second PEFT model gives the noise floor first. Peak memory of three training
+against a second PEFT model gives the noise floor first. Each training-step row also
+gives the ratio a zero-cost adapter would reach: the frozen model's own forward and
+backward (``make_floor``) against PEFT's step. Peak memory of three training
 steps is measured in a fresh subprocess per setup: CUDA's peak allocated bytes on a GPU,
 on the CPU the peak bytes of live tensors (``lorakit.memory.LiveTensorBytes``), weights
 included.
@@ -80,6 +82,23 @@ def make_step(model, batch):
     return step
 
 
+def make_floor(model, batch):
+    """A step of the frozen model with no adapter, gradients reaching block 0's q
+    projection as they must for an adapter there: the part of every LoRA step that no
+    adapter implementation can make faster."""
+    model.requires_grad_(False).train()
+    scale = torch.nn.Parameter(torch.ones((), device=device()))
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: out * scale)
+    optimizer = torch.optim.AdamW([scale], lr=1e-4)
+
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def make_forward(model, batch):
     model.eval()
 
@@ -132,6 +151,11 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
     base_fwd()
     t_base = statistics.median(timed(base_fwd, iters) for _ in range(3))
 
+    frozen = make_floor(base_model(model_name), train_batch)
+    frozen()
+    t_floor = statistics.median(timed(frozen, iters) for _ in range(3))
+    del frozen
+
     # Noise floor: PEFT against an identical PEFT model.
     p1 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch)
     p2 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch)
@@ -145,7 +169,9 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
         lk = make_step(with_lora("lorakit", base_model(model_name), targets, r, dropout), train_batch)
         pf = make_step(with_lora("peft", base_model(model_name), targets, r, dropout), train_batch)
         res = compare(lk, pf, reps, iters)
-        res.update(lorakit_step_per_fwd=res["a_s"] / t_base, peft_step_per_fwd=res["b_s"] / t_base)
+        res.update(lorakit_step_per_fwd=res["a_s"] / t_base, peft_step_per_fwd=res["b_s"] / t_base,
+                   # what an adapter costing nothing would score against PEFT
+                   zero_cost_ratio=t_floor / res["b_s"])
         rows.append({"model": model_name, "what": f"train step {setup}", **res})
         del lk, pf
 
@@ -256,6 +282,8 @@ def show(rows: list[dict]) -> None:
         notes = []
         if "lorakit_step_per_fwd" in r:
             notes.append(f"step/fwd {r['lorakit_step_per_fwd']:.2f} vs {r['peft_step_per_fwd']:.2f}")
+        if "zero_cost_ratio" in r:
+            notes.append(f"a zero-cost adapter: {r['zero_cost_ratio']:.2f}")
         if "lorakit_overhead" in r:
             notes.append(f"overhead {r['lorakit_overhead']:+.1%} vs {r['peft_overhead']:+.1%}")
         if "lorakit_val_loss" in r:
