@@ -262,12 +262,16 @@ _SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _group_shared_inputs(model: nn.Module) -> None:
-    """Let adapted sibling projections compute their A factors together (``SharedInput``)."""
+    """Let adapted sibling projections share one dropout and one A matmul (``SharedInput``).
+
+    Without dropout the saving is within noise while the stacked A factors cost memory
+    in backward, so only adapters with dropout are grouped.
+    """
     groups: dict[tuple[str, int], list[LoRALinear]] = {}
     for name, module in lora_modules(model).items():
         parent, _, leaf = name.rpartition(".")
         family = next((i for i, names in enumerate(_SHARED_INPUT) if leaf in names), None)
-        if family is not None and not module.sliced:
+        if family is not None and not module.sliced and module.dropout:
             groups.setdefault((parent, family), []).append(module)
     for members in groups.values():
         if len(members) > 1 and len({(m.dropout, m.lora_A.weight.dtype, m.in_features) for m in members}) == 1:

@@ -247,8 +247,10 @@ def peak_memory(model_name: str, quick: bool) -> list[dict]:
     return rows
 
 
-def end_to_end(steps: int) -> dict:
-    """The quickstart config: lorakit train against PEFT + transformers.Trainer."""
+def end_to_end(steps: int, seeds: int) -> dict:
+    """The quickstart config: lorakit train against PEFT + transformers.Trainer, over
+    ``seeds`` seeds (a 20-step run's validation loss moves by several hundredths with
+    the data order alone)."""
     import tempfile
 
     from peft_trainer_baseline import run_baseline
@@ -256,18 +258,26 @@ def end_to_end(steps: int) -> dict:
     from lorakit.config import load_config
     from lorakit.train import train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"training.max_steps={steps}", f"training.output_dir={tmp}/lk", "training.eval_every=null",
-                     "training.save_every=null"]
-        cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
-        result = train(cfg)
-        steps_rows = [r for r in result.history if "tokens" in r]
-        lk_tps = sum(r["tokens"] for r in steps_rows) / sum(r["seconds"] for r in steps_rows)
-        lk_val = [r["val_loss"] for r in result.history if "val_loss" in r][-1]
-        base = run_baseline(cfg)
-    return {"model": "SmolLM2", "what": f"end to end quickstart, {steps} steps: tokens/s",
-            "a_s": lk_tps, "b_s": base["tokens_per_s"], "ratio": lk_tps / base["tokens_per_s"], "spread": None,
-            "lorakit_val_loss": lk_val, "peft_val_loss": base["val_loss"]}
+    lk_tokens = lk_seconds = pf_tokens_per_s = 0.0
+    lk_val, pf_val = [], []
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            overrides = [f"training.max_steps={steps}", f"training.output_dir={tmp}/lk", "training.eval_every=null",
+                         "training.save_every=null", f"training.seed={seed}"]
+            cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+            result = train(cfg)
+            steps_rows = [r for r in result.history if "tokens" in r]
+            lk_tokens += sum(r["tokens"] for r in steps_rows)
+            lk_seconds += sum(r["seconds"] for r in steps_rows)
+            lk_val.append([r["val_loss"] for r in result.history if "val_loss" in r][-1])
+            base = run_baseline(cfg)
+            pf_tokens_per_s += base["tokens_per_s"] / seeds
+            pf_val.append(base["val_loss"])
+    lk_tps = lk_tokens / lk_seconds
+    return {"model": "SmolLM2", "what": f"end to end quickstart, {steps} steps × {seeds} seeds: tokens/s",
+            "a_s": lk_tps, "b_s": pf_tokens_per_s, "ratio": lk_tps / pf_tokens_per_s, "spread": None,
+            "lorakit_val_loss": statistics.mean(lk_val), "peft_val_loss": statistics.mean(pf_val),
+            "lorakit_val_losses": lk_val, "peft_val_losses": pf_val}
 
 
 def show(rows: list[dict]) -> None:
@@ -287,7 +297,7 @@ def show(rows: list[dict]) -> None:
         if "lorakit_overhead" in r:
             notes.append(f"overhead {r['lorakit_overhead']:+.1%} vs {r['peft_overhead']:+.1%}")
         if "lorakit_val_loss" in r:
-            notes.append(f"val loss {r['lorakit_val_loss']:.4f} vs {r['peft_val_loss']:.4f}")
+            notes.append(f"mean val loss {r['lorakit_val_loss']:.4f} vs {r['peft_val_loss']:.4f}")
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
         table.add_row(r["model"], r["what"], f"{r['a_s']:.4g}", f"{r['b_s']:.4g}", f"{r['ratio']:.2f}", spread,
                       "; ".join(notes))
@@ -299,6 +309,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "LIB", "SETUP"), help=argparse.SUPPRESS)
     parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
+    parser.add_argument("--e2e-seeds", type=int, default=3, help="seeds of the end-to-end comparison")
     parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
@@ -308,7 +319,7 @@ def main() -> None:
     if not args.quick:
         rows += layer_level("smollm2", reps, 1, quick=True) + peak_memory("smollm2", quick=True)
         if args.e2e_steps:
-            rows.append(end_to_end(args.e2e_steps))
+            rows.append(end_to_end(args.e2e_steps, args.e2e_seeds))
     show(rows)
     Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
                                              "threads": torch.get_num_threads(), "rows": rows}, indent=2))

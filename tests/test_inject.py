@@ -225,11 +225,13 @@ def test_shared_input_groups_equal_separate_projections(arch, ids):
     import copy
 
     grouped = build(arch)  # eval: OPT's own dropout would differ between the two; grads still flow
-    add_lora(grouped, LoraConfig(target_modules="all-linear", dropout=0.0))
+    add_lora(grouped, LoraConfig(target_modules="all-linear", dropout=0.1))  # dropout: grouped
     randomize_lora(grouped)
     plain = _without_shared_inputs(copy.deepcopy(grouped))
     groups = {id(m.shared_input) for m in lora_modules(grouped).values() if m.shared_input is not None}
     assert len(groups) == {"phi3": 0, "opt": 2}.get(arch, 4)  # per block: attention (+ MLP gate/up)
+    undropped = add_lora(build(arch), LoraConfig(target_modules="all-linear", dropout=0.0))
+    assert all(m.shared_input is None for m in lora_modules(undropped).values())  # nothing to share
     losses = [m(input_ids=ids, labels=ids).loss for m in (grouped, plain)]
     for loss in losses:
         loss.backward()
