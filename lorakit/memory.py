@@ -11,7 +11,7 @@ their packed size.
 
 The measurement runs real training steps. On a GPU it reads the CUDA allocator's
 peak; on the CPU, which has no allocator statistics, the same ``LiveTensorBytes``
-counter watches the real run.
+counter watches the real run. Both start at the first forward pass.
 """
 
 from __future__ import annotations
@@ -200,18 +200,36 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
 
 def measure_peak(cfg: Config, steps: int) -> int:
     """Peak bytes of ``steps`` real training steps of ``cfg`` (one process, no
-    validation, no checkpoints, output to a temporary directory)."""
+    validation, no checkpoints, output to a temporary directory).
+
+    Counting starts at the first forward pass: loading (a 4-bit base passes through
+    full precision) is not training memory.
+    """
     from lorakit.train import train
 
+    cuda = torch.cuda.is_available()
+    counter = LiveTensorBytes()
+    started = []
+
+    def start(module, args) -> None:
+        if not started:
+            started.append(True)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            counter.peak = counter.current
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(start)
     with tempfile.TemporaryDirectory(prefix="lorakit-measure-") as tmp:
         run = cfg.model_copy(deep=True)
         run.data.validation = None
         run.training = run.training.model_copy(update={
             "max_steps": steps, "epochs": None, "save_every": None, "eval_every": None, "output_dir": tmp})
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            train(run)
-            return torch.cuda.max_memory_allocated()
-        with LiveTensorBytes() as counter:
-            train(run)
-        return counter.peak
+        try:
+            if cuda:
+                train(run)
+                return torch.cuda.max_memory_allocated()
+            with counter:
+                train(run)
+            return counter.peak
+        finally:
+            hook.remove()
