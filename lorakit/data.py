@@ -261,13 +261,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int,
+                    longest_first: bool = False) -> list[int]:
     """Reorder so each run of ``batch_size`` holds examples of similar length (less padding).
 
     Sorting happens within windows of 64 batches of the shuffled order, and the batches
     are shuffled again, so batch contents stay random while padding nearly vanishes.
-    The batch with the longest example goes first, so a run that will not fit in
-    memory fails at its first step rather than hours in.
+    ``longest_first`` moves the batch with the longest example to the front, so that a
+    few steps meet the heaviest batch (``lorakit plan --measure``). Training keeps the
+    shuffled order: on the quickstart, leading with the longest batch lowered ROUGE-1 in
+    two of three seeds.
     """
     window = batch_size * 64
     batches = []
@@ -277,7 +280,7 @@ def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed:
     full = [b for b in batches if len(b) == batch_size]
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
     shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-    if shuffled:
+    if longest_first and shuffled:
         longest = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
         shuffled.insert(0, shuffled.pop(longest))
     return [i for batch in shuffled for i in batch] + [i for b in batches if len(b) < batch_size for i in b]
@@ -292,8 +295,10 @@ class BatchOrder:
     and a resumed run picks up where it stopped without replaying data.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, world: int, seed: int, grouped: bool) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, world: int, seed: int, grouped: bool,
+                 longest_first: bool = False) -> None:
         self.lengths, self.batch_size, self.world, self.seed, self.grouped = lengths, batch_size, world, seed, grouped
+        self.longest_first = longest_first
         self.per_epoch = len(lengths) // (batch_size * world)
         self._epoch, self._order = -1, []
 
@@ -303,7 +308,7 @@ class BatchOrder:
         if epoch != self._epoch:
             order = epoch_order(len(self.lengths), self.seed, epoch)
             if self.grouped:
-                order = group_by_length(order, self.lengths, self.batch_size, self.seed, epoch)
+                order = group_by_length(order, self.lengths, self.batch_size, self.seed, epoch, self.longest_first)
             self._epoch, self._order = epoch, order
         start = (within * self.world + rank) * self.batch_size
         return self._order[start : start + self.batch_size]

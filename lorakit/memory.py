@@ -200,7 +200,8 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
 
 def measure_peak(cfg: Config, steps: int) -> int:
     """Peak bytes of ``steps`` real training steps of ``cfg`` (one process, no
-    validation, no checkpoints, output to a temporary directory).
+    validation, no checkpoints, output to a temporary directory), starting with the
+    heaviest batch: the longest examples, grouped by length.
 
     Counting starts at the first forward pass: loading (a 4-bit base passes through
     full precision) is not training memory.
@@ -222,14 +223,15 @@ def measure_peak(cfg: Config, steps: int) -> int:
     with tempfile.TemporaryDirectory(prefix="lorakit-measure-") as tmp:
         run = cfg.model_copy(deep=True)
         run.data.validation = None
+        run.data.group_by_length = True
         run.training = run.training.model_copy(update={
             "max_steps": steps, "epochs": None, "save_every": None, "eval_every": None, "output_dir": tmp})
         try:
             if cuda:
-                train(run)
+                train(run, longest_first=True)
                 return torch.cuda.max_memory_allocated()
             with counter:
-                train(run)
+                train(run, longest_first=True)
             return counter.peak
         finally:
             hook.remove()

@@ -114,7 +114,7 @@ def _write_final(out: Path, model, tokenizer, cfg: Config) -> Path:
     return final
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_first: bool = False) -> RunResult:
     """Fine-tune ``cfg.model`` with LoRA on ``cfg.data`` as ``cfg.training`` says.
 
     Args:
@@ -122,6 +122,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         resume: continue from the newest complete checkpoint in ``output_dir``.
         overwrite: start over in an ``output_dir`` that holds an earlier run (its
             checkpoints are deleted).
+        longest_first: with ``data.group_by_length``, start each epoch with the batch
+            holding the longest example (for memory measurements).
 
     Returns:
         The adapter directory, the number of steps and the metric history.
@@ -201,7 +203,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     pad_id = tokenizer.pad_token_id
     micro = step * t.grad_accum
     order = BatchOrder([len(e["input_ids"]) for e in train_set], t.batch_size, world, t.seed,
-                       cfg.data.group_by_length)
+                       cfg.data.group_by_length, longest_first)
     window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
     progress = report.Progress(n_steps, step, enabled=main)
     try:
