@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,7 @@ def read_launch_config(path: str) -> dict:
     import yaml
 
     try:
-        settings = yaml.safe_load(open(path))
+        settings = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise LaunchError(f"--accelerate-config {path}: {e.strerror}") from e
     except yaml.YAMLError as e:

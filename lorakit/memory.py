@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
 from lorakit.inject import add_lora
 from lorakit.loss import supports_sparse_head
-from lorakit.model import DTYPES, enable_checkpointing, resolve_model_path
+from lorakit.model import DTYPES, enable_checkpointing, load_model_config
 
 # bitsandbytes 4-bit: half a byte per weight, one float32 absmax per 64 weights; with
 # double quantization the absmax is itself 8-bit (plus a float32 per 256 of those).
@@ -129,9 +129,9 @@ def _weight_bytes(model: torch.nn.Module, cfg: Config) -> int:
 
 
 def _optimizer_bytes(trainable: list[torch.nn.Parameter], optimizer: str) -> int:
-    n = sum(p.numel() for p in trainable)
     if optimizer == "adamw":  # two states in the parameter's dtype
         return sum(2 * p.numel() * p.element_size() for p in trainable)
+    n = sum(p.numel() for p in trainable)
     return 2 * n + 2 * 4 * (n // 256 + 1)  # 8-bit states with a float32 absmax per 256
 
 
@@ -167,8 +167,7 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    config = load_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
     rows = min(trained_rows, batch_size * (length - 1))
     with FakeTensorMode():

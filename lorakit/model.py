@@ -11,7 +11,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from lorakit.config import DEFAULT_MODEL, ModelConfig, read_saved_config
 
@@ -81,6 +88,14 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ModelLoadError(f"model.name_or_path: GGUF file {path} not found")
         return str(convert_gguf(path))
     return str(path) if path.exists() else name_or_path
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's transformers config alone (no weights are read)."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {e}") from e
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:

@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lorakit.inject import LoraConfig, add_lora, count_parameters, find_targets, linear_names, lora_modules
-from lorakit.model import ModelLoadError, resolve_model_path
+from lorakit.model import load_model_config
 
 # Role of a layer from the end of its path, first match wins.
 ROLE_PATTERNS = [
@@ -42,10 +42,7 @@ class Layer:
 
 def skeleton(name_or_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model's module tree with no weights (meta tensors)."""
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {e}") from e
+    config = load_model_config(name_or_path, trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
