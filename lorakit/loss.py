@@ -1,10 +1,12 @@
-"""The training loss, computed only where it counts.
+"""The training loss, computed only where it counts and a slice at a time.
 
 With the prompt masked, most positions carry no loss, yet a plain causal-LM forward
 builds logits for every position (batch × length × vocabulary: 500 MB in float32 for
-SmolLM2 at 8 × 320). ``CausalLMLoss`` runs the transformer body, keeps the hidden
-states of positions whose next token is labelled, and applies the output head and
-cross-entropy to those rows only. The result equals the model's own loss.
+SmolLM2 at 8 × 320, and three such tensors live at once in backward). ``CausalLMLoss``
+runs the transformer body, keeps the hidden states of positions whose next token is
+labelled, and hands them to ``head_loss``, which applies the output head and
+cross-entropy to a chunk of rows at a time: the logits of one chunk exist at once, never
+the whole batch's. The result equals the model's own loss.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from lorakit.data import IGNORE
 # those models keep transformers' own loss.
 _SPECIAL_HEADS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
+# Logits per chunk (float32): 32 MB, e.g. 170 rows of SmolLM2's 49,152-token vocabulary.
+# Smaller chunks measured slower on the CPU; larger ones only cost memory.
+CHUNK_LOGITS = 2**23
+
 
 def supports_sparse_head(model: nn.Module) -> bool:
     """True when the model's logits are exactly ``head(body(x))``."""
@@ -31,6 +37,87 @@ def supports_sparse_head(model: nn.Module) -> bool:
         and model.get_output_embeddings() is not None
         and not any(getattr(config, key, None) for key in _SPECIAL_HEADS)
     )
+
+
+def _is_plain_linear(head: nn.Module) -> bool:
+    """A bias-free ``nn.Linear`` whose forward is nothing but ``x @ W.T`` (no hooks)."""
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+        and "forward" not in head.__dict__  # Accelerate's offload hooks replace forward
+    )
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_LOGITS // vocab)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` by chunks of rows,
+    for a frozen ``weight``.
+
+    The gradient of a scalar loss is known once a chunk's softmax is: ``softmax - onehot``.
+    Forward therefore turns each chunk's logits into that gradient in place and multiplies
+    it out into the hidden states at once; backward only scales what forward stored by
+    the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        step = _chunk_rows(weight.shape[0])
+        for start in range(0, rows, step):
+            h, t = hidden[start:start + step], targets[start:start + step]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            grad_hidden[start:start + step] = grad.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        ctx.rows = rows
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * (grad_loss / ctx.rows).to(grad_hidden.dtype), None, None
+
+
+def _chunked_loss_value(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same mean loss without gradients (evaluation): one chunk of logits at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    step = _chunk_rows(weight.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        t = targets[start:start + step]
+        logits = (hidden[start:start + step] @ weight.T).float()
+        total += F.cross_entropy(logits, t, reduction="sum")
+    return total / hidden.shape[0]
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` (float32 logits) against ``targets``.
+
+    Args:
+        head: the output embedding layer.
+        hidden: ``(rows, hidden_size)`` final hidden states of the labelled positions.
+        targets: ``(rows,)`` the next token at each of them.
+
+    A frozen, plain, bias-free linear head (every LoRA run's) is applied in chunks
+    (``CHUNK_LOGITS`` logits at a time). A trained head (full fine-tuning, trained
+    embeddings) or any other head (LoRA on ``lm_head``, a bias, hooks) gets the direct
+    formula: its weight gradient would need the whole logits again in backward.
+    """
+    weight = getattr(head, "weight", None)
+    if not _is_plain_linear(head) or hidden.shape[0] == 0 or (weight.requires_grad and torch.is_grad_enabled()):
+        return F.cross_entropy(head(hidden).float(), targets)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _ChunkedHeadLoss.apply(hidden, weight, targets)
+    return _chunked_loss_value(hidden, weight, targets)
 
 
 class CausalLMLoss(nn.Module):
@@ -58,5 +145,4 @@ class CausalLMLoss(nn.Module):
         hidden = body.last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        return head_loss(self.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep])

@@ -21,14 +21,13 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
 from lorakit.inject import add_lora
-from lorakit.loss import supports_sparse_head
+from lorakit.loss import head_loss, supports_sparse_head
 from lorakit.model import DTYPES, enable_checkpointing, load_model_config
 
 # bitsandbytes 4-bit: half a byte per weight, one float32 absmax per 64 weights; with
@@ -146,8 +145,7 @@ def _activation_peak(model: torch.nn.Module, batch_size: int, length: int, train
             # the training loss keeps only labelled positions (lorakit.loss); here, the first ones
             hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             rows = hidden.flatten(0, 1)[torch.arange(trained_rows)]
-            logits = model.get_output_embeddings()(rows)
-            loss = F.cross_entropy(logits.float(), torch.zeros(trained_rows, dtype=torch.long))
+            loss = head_loss(model.get_output_embeddings(), rows, torch.zeros(trained_rows, dtype=torch.long))
         else:
             loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()

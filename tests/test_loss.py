@@ -1,11 +1,13 @@
 """The sparse-head loss equals transformers' full-logits loss, value and gradients."""
 
+import pytest
 import torch
 
+import lorakit.loss as loss_module
 from conftest import build
 from lorakit import LoraConfig, add_lora
 from lorakit.inject import lora_modules
-from lorakit.loss import CausalLMLoss, supports_sparse_head
+from lorakit.loss import CausalLMLoss, head_loss, supports_sparse_head
 
 
 def _batch():
@@ -44,3 +46,64 @@ def test_heads_with_extra_math_keep_the_model_loss():
     assert not supports_sparse_head(model)
     batch = _batch()
     assert torch.equal(CausalLMLoss(model)(**batch), model(**batch).loss)
+
+
+def _head_case(dtype: torch.dtype, train_head: bool):
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 96, bias=False).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(96, 16, generator=gen))
+    head.weight.requires_grad_(train_head)
+    hidden = torch.randn(23, 16, generator=gen).to(dtype).requires_grad_()
+    targets = torch.randint(0, 96, (23,), generator=gen)
+    return head, hidden, targets
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_loss_equals_full_logits(monkeypatch, dtype, train_head):
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 96 * 5)  # 5 rows a chunk: 23 rows need 5 chunks
+    head, hidden, targets = _head_case(dtype, train_head)
+    expected = torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+    expected.backward()
+    grads = [hidden.grad.clone()] + ([head.weight.grad.clone()] if train_head else [])
+    hidden.grad, head.weight.grad = None, None
+    loss = head_loss(head, hidden, targets)
+    (loss * 3).backward()  # the incoming gradient scales what forward stored
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(loss, expected, **tol)
+    torch.testing.assert_close(hidden.grad, 3 * grads[0], **tol)
+    assert hidden.grad.dtype == dtype
+    if train_head:  # the direct formula: the weight gets its gradient too
+        torch.testing.assert_close(head.weight.grad, 3 * grads[1], **tol)
+    else:
+        assert head.weight.grad is None and loss.grad_fn.name().endswith("_ChunkedHeadLossBackward")
+    with torch.no_grad():  # evaluation takes the chunked, gradient-free path
+        torch.testing.assert_close(head_loss(head, hidden, targets), expected, **tol)
+
+
+def test_chunked_head_never_builds_the_whole_logits(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 96 * 4)
+    head, hidden, targets = _head_case(torch.float32, False)
+    largest = []
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                largest.append(out.numel())
+            return out
+
+    with Watch():
+        head_loss(head, hidden, targets).backward()
+    assert 4 * 96 in largest  # chunks of 4 rows' logits ...
+    assert max(largest) < 23 * 96  # ... and never all 23 rows' at once
+
+
+def test_heads_that_are_not_plain_linear_use_the_direct_formula():
+    head, hidden, targets = _head_case(torch.float32, False)
+    wrapped = add_lora(torch.nn.Sequential(head), LoraConfig(target_modules=["0"], r=2, dropout=0.0))[0]
+    torch.nn.init.normal_(wrapped.lora_B.weight, std=0.5)
+    expected = torch.nn.functional.cross_entropy(wrapped(hidden).float(), targets)
+    torch.testing.assert_close(head_loss(wrapped, hidden, targets), expected)
+    assert not torch.allclose(expected, torch.nn.functional.cross_entropy(head(hidden), targets))
