@@ -73,9 +73,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, rows, step):
             h, t = hidden[start:start + step], targets[start:start + step]
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, -1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            picked = logits.gather(1, t[:, None])
+            # softmax in the logits' own memory, one exp per logit
+            peak = logits.amax(-1, keepdim=True)
+            grad = logits.sub_(peak).exp_()
+            sums = grad.sum(-1, keepdim=True)
+            total += (peak + sums.log() - picked).sum()
+            grad.div_(sums)
             grad[torch.arange(len(t), device=t.device), t] -= 1
             grad_hidden[start:start + step] = grad.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)

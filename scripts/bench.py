@@ -5,9 +5,12 @@
 
 Timings alternate the order of the two libraries every repetition after a warm-up and
 report the median of per-repetition lorakit/PEFT ratios with its spread (min-max). PEFT
-against a second PEFT model gives the noise floor first. Each training-step row also
-gives the ratio a zero-cost adapter would reach: the frozen model's own forward and
-backward (``make_floor``) against PEFT's step. Peak memory of three training
+against a second PEFT model gives the noise floor first. Each tool runs the step its
+users run: lorakit's training loss (``lorakit.loss``: only labelled rows, the output head
+in chunks) and PEFT's model returning transformers' loss, as under ``Trainer``; one more
+row puts lorakit's adapters under transformers' loss, so the adapters alone are compared
+too. Each training-step row also gives the ratio a zero-cost adapter would reach: the
+frozen model's own step with lorakit's loss (``make_floor``) against PEFT's step. Peak memory of three training
 steps is measured in a fresh subprocess per setup: CUDA's peak allocated bytes on a GPU,
 on the CPU the peak bytes of live tensors (``lorakit.memory.LiveTensorBytes``), weights
 included.
@@ -68,14 +71,24 @@ def with_lora(lib: str, model, targets, r: int, dropout: float):
     return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
 
 
-def make_step(model, batch):
+def loss_fn(model, lib: str):
+    """The loss each tool trains with: lorakit's own, or the model's (PEFT, Trainer)."""
+    if lib != "lorakit":
+        return lambda batch: model(**batch).loss
+    from lorakit.loss import CausalLMLoss
+
+    loss_model = CausalLMLoss(model)
+    return lambda batch: loss_model(attention_mask=torch.ones_like(batch["input_ids"]), **batch)
+
+
+def make_step(model, batch, lib: str):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
+    loss = loss_fn(model, lib)
 
     def step():
-        loss = model(**batch).loss
-        loss.backward()
+        loss(batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -90,9 +103,10 @@ def make_floor(model, batch):
     scale = torch.nn.Parameter(torch.ones((), device=device()))
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: out * scale)
     optimizer = torch.optim.AdamW([scale], lr=1e-4)
+    loss = loss_fn(model, "lorakit")
 
     def step():
-        model(**batch).loss.backward()
+        loss(batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -157,8 +171,8 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
     del frozen
 
     # Noise floor: PEFT against an identical PEFT model.
-    p1 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch)
-    p2 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch)
+    p1 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch, "peft")
+    p2 = make_step(with_lora("peft", base_model(model_name), *SETUPS["qv r8 d0"]), train_batch, "peft")
     floor = compare(p1, p2, reps, iters)
     rows.append({"model": model_name, "what": "noise floor: PEFT / PEFT step (qv r8 d0)", **floor})
     del p1, p2
@@ -166,14 +180,20 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
     for setup, (targets, r, dropout) in SETUPS.items():
         if quick and setup.endswith("d.05"):
             continue
-        lk = make_step(with_lora("lorakit", base_model(model_name), targets, r, dropout), train_batch)
-        pf = make_step(with_lora("peft", base_model(model_name), targets, r, dropout), train_batch)
+        lk = make_step(with_lora("lorakit", base_model(model_name), targets, r, dropout), train_batch, "lorakit")
+        pf = make_step(with_lora("peft", base_model(model_name), targets, r, dropout), train_batch, "peft")
         res = compare(lk, pf, reps, iters)
         res.update(lorakit_step_per_fwd=res["a_s"] / t_base, peft_step_per_fwd=res["b_s"] / t_base,
                    # what an adapter costing nothing would score against PEFT
                    zero_cost_ratio=t_floor / res["b_s"])
         rows.append({"model": model_name, "what": f"train step {setup}", **res})
-        del lk, pf
+        del lk
+        if setup == "qv r8 d0":  # the adapters alone: both under transformers' loss
+            lk = make_step(with_lora("lorakit", base_model(model_name), targets, r, dropout), train_batch, "peft")
+            rows.append({"model": model_name, "what": f"train step {setup}, adapters only (transformers' loss)",
+                         **compare(lk, pf, reps, iters)})
+            del lk
+        del pf
 
     # Small-batch unmerged forward, all-linear r=16: overhead over the base forward.
     lk_model = with_lora("lorakit", base_model(model_name), "all-linear", 16, 0.0)
@@ -209,8 +229,8 @@ def qlora_step(reps: int, iters: int) -> dict:
             return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map={"": device()})
 
         batch = batch_of(8192, 4, 256)
-        lk = make_step(with_lora("lorakit", load(), *SETUPS["qv r8 d0"]), batch)
-        pf = make_step(with_lora("peft", load(), *SETUPS["qv r8 d0"]), batch)
+        lk = make_step(with_lora("lorakit", load(), *SETUPS["qv r8 d0"]), batch, "lorakit")
+        pf = make_step(with_lora("peft", load(), *SETUPS["qv r8 d0"]), batch, "peft")
         return {"model": "tiny", "what": "QLoRA train step qv r8 d0", **compare(lk, pf, reps, iters)}
 
 
@@ -218,7 +238,7 @@ def peak_memory_child(model_name: str, lib: str, setup: str) -> None:
     """Run in a subprocess: three training steps, then print the peak memory in MB."""
     targets, r, dropout = SETUPS[setup]
     batch = batch_of(8192 if model_name == "tiny" else 49152, 4 if model_name == "tiny" else 2, 256)
-    step = make_step(with_lora(lib, base_model(model_name), targets, r, dropout), batch)
+    step = make_step(with_lora(lib, base_model(model_name), targets, r, dropout), batch, lib)
     if device() == "cuda":
         for _ in range(3):
             step()
