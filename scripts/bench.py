@@ -134,16 +134,23 @@ def timed(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def interleaved(fns: list, reps: int, iters: int) -> list[list[float]]:
+    """Seconds per call of each function, repetition by repetition, the order reversed
+    every other repetition so that drift hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for rep in range(reps):
+        order = list(range(len(fns))) if rep % 2 == 0 else list(reversed(range(len(fns))))
+        for i in order:
+            times[i].append(timed(fns[i], iters))
+    return times
+
+
 def compare(a, b, reps: int, iters: int) -> dict:
     """Alternating timings of ``a`` and ``b``: medians and the median per-rep ratio a/b."""
-    for fn in (a, b):
-        fn()  # warm-up
-    ta, tb, ratios = [], [], []
-    for rep in range(reps):
-        pair = [(a, ta), (b, tb)] if rep % 2 == 0 else [(b, tb), (a, ta)]
-        for fn, out in pair:
-            out.append(timed(fn, iters))
-        ratios.append(ta[-1] / tb[-1])
+    ta, tb = interleaved([a, b], reps, iters)
+    ratios = [x / y for x, y in zip(ta, tb)]
     return {"a_s": statistics.median(ta), "b_s": statistics.median(tb), "ratio": statistics.median(ratios),
             "spread": [min(ratios), max(ratios)]}
 
@@ -198,12 +205,14 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
     # Small-batch unmerged forward, all-linear r=16: overhead over the base forward.
     lk_model = with_lora("lorakit", base_model(model_name), "all-linear", 16, 0.0)
     pf_model = with_lora("peft", base_model(model_name), "all-linear", 16, 0.0)
-    small_base = make_forward(base, small)
-    lk, pf = make_forward(lk_model, small), make_forward(pf_model, small)
-    res = compare(lk, pf, reps, iters * 10)
-    b = statistics.median(timed(small_base, iters * 10) for _ in range(3))
-    res.update(lorakit_overhead=res["a_s"] / b - 1, peft_overhead=res["b_s"] / b - 1)
-    rows.append({"model": model_name, "what": "unmerged forward 1x8, all r16", **res})
+    # The base runs interleaved with both: the ratio is that of the overheads, per repetition.
+    tb, ta, tp = interleaved([make_forward(m, small) for m in (base, lk_model, pf_model)], 5 * reps, iters * 10)
+    ratios = [(a - b) / (p - b) for a, b, p in zip(ta, tb, tp)]
+    b = statistics.median(tb)
+    rows.append({"model": model_name, "what": "unmerged forward 1x8, all r16: overhead over the base",
+                 "a_s": statistics.median(ta), "b_s": statistics.median(tp), "ratio": statistics.median(ratios),
+                 "spread": [min(ratios), max(ratios)], "lorakit_overhead": statistics.median(ta) / b - 1,
+                 "peft_overhead": statistics.median(tp) / b - 1})
 
     # Merged forward against the base itself.
     from lorakit import merge_lora

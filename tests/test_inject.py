@@ -264,3 +264,13 @@ def test_shared_input_members_share_one_dropout_mask():
         with torch.enable_grad():
             expected = layer.base_layer(y) + layer.scaling * y @ layer.lora_A.weight.T @ layer.lora_B.weight.T
             torch.testing.assert_close(layer(y), expected)
+
+
+def test_hooks_on_a_base_layer_still_run(ids):
+    """The adapter applies a plain base's weight directly, unless the base has hooks."""
+    model = add_lora(build("llama"), LoraConfig(dropout=0.0))
+    base = lora_modules(model)["model.layers.0.self_attn.q_proj"].base_layer
+    seen = []
+    base.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model(input_ids=ids)
+    assert seen == [torch.Size([*ids.shape, base.out_features])]
