@@ -107,3 +107,19 @@ def test_heads_that_are_not_plain_linear_use_the_direct_formula():
     expected = torch.nn.functional.cross_entropy(wrapped(hidden).float(), targets)
     torch.testing.assert_close(head_loss(wrapped, hidden, targets), expected)
     assert not torch.allclose(expected, torch.nn.functional.cross_entropy(head(hidden), targets))
+
+
+def test_chunked_head_loss_under_autocast_matches_the_direct_formula(monkeypatch):
+    """Mixed precision (Accelerate's bf16) runs the head's matmuls in bfloat16 either way."""
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 96 * 5)
+    head, hidden, targets = _head_case(torch.float32, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+    expected.backward()
+    grad, hidden.grad = hidden.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_loss(head, hidden, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(hidden.grad, grad, atol=2e-2, rtol=2e-2)
+    assert hidden.grad.dtype == torch.float32
