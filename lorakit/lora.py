@@ -105,7 +105,7 @@ class SharedInput:
         return part
 
 
-def _bare_linear(layer: nn.Module) -> bool:
+def is_bare_linear(layer: nn.Module) -> bool:
     """An ``nn.Linear`` whose call is exactly ``F.linear``: no hooks of its own or global
     ones, no forward replaced (as Accelerate's offload hooks do)."""
     return (
@@ -192,7 +192,7 @@ class LoRALinear(nn.Module):
         # every microsecond of per-layer overhead.
         modules = self._modules
         base = modules["base_layer"]
-        if _bare_linear(base):
+        if is_bare_linear(base):
             result = F.linear(x, base._parameters["weight"], base._parameters["bias"])
         else:
             result = base(x)

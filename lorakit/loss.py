@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data import IGNORE
+from lorakit.lora import is_bare_linear
 
 # Config attributes of heads that do more than a matmul (soft-capping, scaling):
 # those models keep transformers' own loss.
@@ -36,17 +37,6 @@ def supports_sparse_head(model: nn.Module) -> bool:
         and body is not model
         and model.get_output_embeddings() is not None
         and not any(getattr(config, key, None) for key in _SPECIAL_HEADS)
-    )
-
-
-def _is_plain_linear(head: nn.Module) -> bool:
-    """A bias-free ``nn.Linear`` whose forward is nothing but ``x @ W.T`` (no hooks)."""
-    return (
-        type(head) is nn.Linear
-        and head.bias is None
-        and not head._forward_hooks
-        and not head._forward_pre_hooks
-        and "forward" not in head.__dict__  # Accelerate's offload hooks replace forward
     )
 
 
@@ -116,12 +106,13 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> t
     embeddings) or any other head (LoRA on ``lm_head``, a bias, hooks) gets the direct
     formula: its weight gradient would need the whole logits again in backward.
     """
-    weight = getattr(head, "weight", None)
-    if not _is_plain_linear(head) or hidden.shape[0] == 0 or (weight.requires_grad and torch.is_grad_enabled()):
+    grad = torch.is_grad_enabled()
+    chunked = is_bare_linear(head) and head.bias is None and not (grad and head.weight.requires_grad)
+    if not chunked or hidden.shape[0] == 0:
         return F.cross_entropy(head(hidden).float(), targets)
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        return _ChunkedHeadLoss.apply(hidden, weight, targets)
-    return _chunked_loss_value(hidden, weight, targets)
+    if grad and hidden.requires_grad:
+        return _ChunkedHeadLoss.apply(hidden, head.weight, targets)
+    return _chunked_loss_value(hidden, head.weight, targets)
 
 
 class CausalLMLoss(nn.Module):

@@ -207,14 +207,12 @@ def measure_peak(cfg: Config, steps: int) -> int:
 
     cuda = torch.cuda.is_available()
     counter = LiveTensorBytes()
-    started = []
 
     def start(module, args) -> None:
-        if not started:
-            started.append(True)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            counter.peak = counter.current
+        hook.remove()  # once is enough; a global hook left in place would slow every module call
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        counter.peak = counter.current
 
     hook = torch.nn.modules.module.register_module_forward_pre_hook(start)
     with tempfile.TemporaryDirectory(prefix="lorakit-measure-") as tmp:

@@ -99,18 +99,11 @@ def make_floor(model, batch):
     """A step of the frozen model with no adapter, gradients reaching block 0's q
     projection as they must for an adapter there: the part of every LoRA step that no
     adapter implementation can make faster."""
-    model.requires_grad_(False).train()
-    scale = torch.nn.Parameter(torch.ones((), device=device()))
-    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: out * scale)
-    optimizer = torch.optim.AdamW([scale], lr=1e-4)
-    loss = loss_fn(model, "lorakit")
-
-    def step():
-        loss(batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    model.requires_grad_(False)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.register_parameter("floor_scale", torch.nn.Parameter(torch.ones((), device=device())))
+    q_proj.register_forward_hook(lambda module, args, out: out * module.floor_scale)
+    return make_step(model, batch, "lorakit")
 
 
 def make_forward(model, batch):
