@@ -96,7 +96,8 @@ class SharedInput:
                 x_in = x
             if x_in.dtype != weights[0].dtype:
                 x_in = x_in.to(weights[0].dtype)
-            parts = F.linear(x_in, torch.cat(weights)).split([w.shape[0] for w in weights], -1)
+            x_in = x_in.reshape(-1, x_in.shape[-1])
+            parts = torch.mm(x_in, torch.cat(weights).t()).split([w.shape[0] for w in weights], -1)
             self._input, self._version = x, x._version
             self._parts = {id(m): part for m, part in zip(self.layers, parts)}
         part = self._parts.pop(id(layer))
@@ -187,19 +188,21 @@ class LoRALinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Direct dict reads instead of attribute access, and a plain linear base applied
-        # without its module call: a small batch through many unmerged adapters feels
+        # Direct dict reads instead of attribute access, 2-D matmuls, and a plain linear base
+        # applied without its module call: a small batch through many unmerged adapters feels
         # every microsecond of per-layer overhead.
         modules = self._modules
         base = modules["base_layer"]
-        if is_bare_linear(base):
+        bare = is_bare_linear(base)
+        if bare:
             result = F.linear(x, base._parameters["weight"], base._parameters["bias"])
         else:
             result = base(x)
         if self.merged:
             return result
         B = modules["lora_B"]._parameters["weight"]
-        if self.shared_input is not None and torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if self.shared_input is not None and grad:
             a = self.shared_input.down(self, x)
         else:
             if self.dropout and self.training:
@@ -207,17 +210,23 @@ class LoRALinear(nn.Module):
             A = modules["lora_A"]._parameters["weight"]
             if x.dtype != A.dtype:
                 x = x.to(A.dtype)
-            a = F.linear(x, A)
+            a = torch.mm(x.reshape(-1, x.shape[-1]), A.t())  # (rows, r)
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
-            delta = torch.cat(parts, -1) * self.scaling
+            delta = (torch.cat(parts, -1) * self.scaling).view(*result.shape[:-1], -1)
             return result.index_add(-1, self.out_index, delta.to(result.dtype))
-        if torch.is_grad_enabled():
+        scale = self.scaling
+        if grad:
             # Scale the rank-r intermediate: backward then pays for r columns, not d_out.
-            delta = F.linear(a * self.scaling, B)
-            return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
-        delta = F.linear(a, B)  # inference: the scaling rides along in the addition
-        return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=self.scaling)
+            a, scale = a * scale, 1.0
+        if bare and result.dtype == a.dtype == B.dtype:
+            # ``result`` is a fresh tensor of our own that no backward reads: accumulating B·a
+            # into it allocates no second d_out-wide tensor (on the CPU, fresh memory costs
+            # page faults that outweigh the small matmul itself).
+            result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=scale)
+            return result
+        delta = F.linear(a, B).view(result.shape)
+        return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scale)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` in the base weight's layout, computed in float32."""

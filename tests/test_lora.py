@@ -32,6 +32,52 @@ def test_forward_is_base_plus_scaled_BA():
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(16,), (5, 16), (2, 3, 16)])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_every_forward_path_is_the_formula(shape, grad, hooked):
+    # A bare base takes the fast path (B·a accumulated in place into the base's output);
+    # a hooked one is called as a module and gets an out-of-place sum.
+    layer = _layer()
+    nn.init.normal_(layer.lora_B.weight)
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda module, args, out: out)
+    x = torch.randn(*shape, requires_grad=True)
+    W, A, B = layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
+    expected = x @ W.T + layer.base_layer.bias + 2.0 * (x @ A.T) @ B.T
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert out.shape == expected.shape
+    if grad:
+        g = torch.randn_like(expected)
+        want = torch.autograd.grad(expected, (x, A, B), g)
+        got = torch.autograd.grad(out, (x, A, B), g)
+        for w, h in zip(want, got):
+            torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bf16 base", "autocast"])
+def test_mixed_precision_forward_is_the_formula(mode):
+    # float32 adapters beside a bfloat16 base, or under autocast: the in-place path must
+    # step aside (its dtypes differ) and the sum come back in the base's dtype.
+    layer = _layer()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 16)
+    W, A, B = layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
+    expected = x @ W.T + layer.base_layer.bias + 2.0 * (x @ A.T) @ B.T
+    if mode == "bf16 base":
+        layer.base_layer.to(torch.bfloat16)
+        out = layer(x.bfloat16())
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert A.grad.dtype == B.grad.dtype == torch.float32 and A.grad.abs().sum() > 0
+
+
 def test_rslora_scaling():
     assert _layer(r=4, use_rslora=True).scaling == 8 / math.sqrt(4)
     assert _layer(r=4).scaling == 8 / 4
