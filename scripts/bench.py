@@ -13,7 +13,11 @@ too. Each training-step row also gives the ratio a zero-cost adapter would reach
 frozen model's own step with lorakit's loss (``make_floor``) against PEFT's step. Peak memory of three training
 steps is measured in a fresh subprocess per setup: CUDA's peak allocated bytes on a GPU,
 on the CPU the peak bytes of live tensors (``lorakit.memory.LiveTensorBytes``), weights
-included.
+included. The end-to-end runs train the quickstart config, each in a fresh process:
+tokens/s over the training steps only (setup, evaluation and saving left out for both),
+the final validation loss, and the process's peak memory (CUDA's allocator peak; on the
+CPU the peak resident set, model and libraries included, since counting live tensors
+would slow the run it measures).
 """
 
 from __future__ import annotations
@@ -269,37 +273,61 @@ def peak_memory(model_name: str, quick: bool) -> list[dict]:
     return rows
 
 
+def peak_bytes() -> int:
+    """This process's peak: CUDA's allocator peak on a GPU, else the peak resident set."""
+    if device() == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def e2e_child(lib: str, seed: int, steps: int) -> None:
+    """Run in a subprocess: one quickstart training run; prints tokens/s, the final
+    validation loss and the process's peak memory as JSON."""
+    import tempfile
+
+    from lorakit.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"training.max_steps={steps}", f"training.output_dir={tmp}/run", "training.eval_every=null",
+                     "training.save_every=null", f"training.seed={seed}"]
+        cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+        if lib == "lorakit":
+            from lorakit.train import train
+
+            history = train(cfg).history
+            steps_rows = [r for r in history if "tokens" in r]
+            result = {"tokens_per_s": sum(r["tokens"] for r in steps_rows) / sum(r["seconds"] for r in steps_rows),
+                      "val_loss": [r["val_loss"] for r in history if "val_loss" in r][-1]}
+        else:
+            from peft_trainer_baseline import run_baseline
+
+            result = run_baseline(cfg)
+    print(json.dumps({"tokens_per_s": result["tokens_per_s"], "val_loss": result["val_loss"],
+                      "peak_mb": peak_bytes() / 2**20}))
+
+
 def end_to_end(steps: int, seeds: int) -> dict:
     """The quickstart config: lorakit train against PEFT + transformers.Trainer, over
     ``seeds`` seeds (a 20-step run's validation loss moves by several hundredths with
-    the data order alone)."""
-    import tempfile
-
-    from peft_trainer_baseline import run_baseline
-
-    from lorakit.config import load_config
-    from lorakit.train import train
-
-    lk_tokens = lk_seconds = pf_tokens_per_s = 0.0
-    lk_val, pf_val = [], []
+    the data order alone), each run in a fresh process so that its peak memory is its own."""
+    runs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
     for seed in range(seeds):
-        with tempfile.TemporaryDirectory() as tmp:
-            overrides = [f"training.max_steps={steps}", f"training.output_dir={tmp}/lk", "training.eval_every=null",
-                         "training.save_every=null", f"training.seed={seed}"]
-            cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
-            result = train(cfg)
-            steps_rows = [r for r in result.history if "tokens" in r]
-            lk_tokens += sum(r["tokens"] for r in steps_rows)
-            lk_seconds += sum(r["seconds"] for r in steps_rows)
-            lk_val.append([r["val_loss"] for r in result.history if "val_loss" in r][-1])
-            base = run_baseline(cfg)
-            pf_tokens_per_s += base["tokens_per_s"] / seeds
-            pf_val.append(base["val_loss"])
-    lk_tps = lk_tokens / lk_seconds
-    return {"model": "SmolLM2", "what": f"end to end quickstart, {steps} steps × {seeds} seeds: tokens/s",
-            "a_s": lk_tps, "b_s": pf_tokens_per_s, "ratio": lk_tps / pf_tokens_per_s, "spread": None,
-            "lorakit_val_loss": statistics.mean(lk_val), "peft_val_loss": statistics.mean(pf_val),
-            "lorakit_val_losses": lk_val, "peft_val_losses": pf_val}
+        for lib in ("lorakit", "peft") if seed % 2 == 0 else ("peft", "lorakit"):
+            out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, str(seed), str(steps)],
+                                 capture_output=True, text=True, check=True)
+            runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    lk, pf = ({k: [r[k] for r in runs[lib]] for k in runs[lib][0]} for lib in ("lorakit", "peft"))
+    speed = {"model": "SmolLM2", "what": f"end to end quickstart, {steps} steps × {seeds} seeds: tokens/s",
+             "a_s": statistics.mean(lk["tokens_per_s"]), "b_s": statistics.mean(pf["tokens_per_s"]),
+             "ratio": statistics.mean(lk["tokens_per_s"]) / statistics.mean(pf["tokens_per_s"]), "spread": None,
+             "lorakit_val_loss": statistics.mean(lk["val_loss"]), "peft_val_loss": statistics.mean(pf["val_loss"]),
+             "lorakit_val_losses": lk["val_loss"], "peft_val_losses": pf["val_loss"]}
+    memory = {"model": "SmolLM2", "what": "end to end quickstart: peak memory MB (whole process on the CPU)",
+              "a_s": max(lk["peak_mb"]), "b_s": max(pf["peak_mb"]), "ratio": max(lk["peak_mb"]) / max(pf["peak_mb"]),
+              "spread": None}
+    return [speed, memory]
 
 
 def show(rows: list[dict]) -> None:
@@ -330,18 +358,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "LIB", "SETUP"), help=argparse.SUPPRESS)
+    parser.add_argument("--e2e-child", nargs=3, metavar=("LIB", "SEED", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
     parser.add_argument("--e2e-seeds", type=int, default=3, help="seeds of the end-to-end comparison")
     parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
+    if args.e2e_child:
+        lib, seed, steps = args.e2e_child
+        return e2e_child(lib, int(seed), int(steps))
     reps, iters = (3, 1) if args.quick else (5, 2)
     rows = layer_level("tiny", reps, iters * 2, args.quick) + [qlora_step(reps, 1)] + peak_memory("tiny", args.quick)
     if not args.quick:
         rows += layer_level("smollm2", reps, 1, quick=True) + peak_memory("smollm2", quick=True)
         if args.e2e_steps:
-            rows.append(end_to_end(args.e2e_steps, args.e2e_seeds))
+            rows += end_to_end(args.e2e_steps, args.e2e_seeds)
     show(rows)
     Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
                                              "threads": torch.get_num_threads(), "rows": rows}, indent=2))

@@ -34,7 +34,7 @@ def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int) -
 def run_baseline(cfg) -> dict:
     """Train ``cfg`` with PEFT + Trainer; returns tokens/s, seconds and validation loss."""
     import peft
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from lorakit.data import build_examples, collate
     from lorakit.inject import find_targets
@@ -55,6 +55,17 @@ def run_baseline(cfg) -> dict:
         tokens["n"] += int(batch["attention_mask"].sum())
         return batch
 
+    class StepClock(TrainerCallback):
+        """Times the training steps only, as lorakit's tokens/s does (not Trainer's setup)."""
+
+        start = end = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = self.start or time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -63,10 +74,11 @@ def run_baseline(cfg) -> dict:
             save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator)
-        start = time.perf_counter()
+        clock = StepClock()
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                          callbacks=[clock])
         trainer.train()
-        seconds = time.perf_counter() - start
+        seconds = clock.end - clock.start
     val = validation_loss(model, val_set, t.batch_size, tokenizer.pad_token_id) if val_set else float("nan")
     return {"tokens_per_s": tokens["n"] / seconds, "seconds": seconds, "val_loss": val}
 
