@@ -88,6 +88,7 @@ class SharedInput:
         self._parts: dict[int, torch.Tensor] = {}
 
     def down(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """``layer``'s ``A·dropout(x)`` as a ``(rows, r)`` matrix, rows being ``x``'s leading dims flattened."""
         if x is not self._input or x._version != self._version or id(layer) not in self._parts:
             weights = [m._modules["lora_A"]._parameters["weight"] for m in self.layers]
             if layer.dropout and layer.training:

@@ -308,7 +308,7 @@ def e2e_child(lib: str, seed: int, steps: int) -> None:
                       "peak_mb": peak_bytes() / 2**20}))
 
 
-def end_to_end(steps: int, seeds: int) -> dict:
+def end_to_end(steps: int, seeds: int) -> list[dict]:
     """The quickstart config: lorakit train against PEFT + transformers.Trainer, over
     ``seeds`` seeds (a 20-step run's validation loss moves by several hundredths with
     the data order alone), each run in a fresh process so that its peak memory is its own."""
