@@ -98,7 +98,7 @@ class SharedInput:
             if x_in.dtype != weights[0].dtype:
                 x_in = x_in.to(weights[0].dtype)
             x_in = x_in.reshape(-1, x_in.shape[-1])
-            parts = torch.mm(x_in, torch.cat(weights).t()).split([w.shape[0] for w in weights], -1)
+            parts = F.linear(x_in, torch.cat(weights)).split([w.shape[0] for w in weights], -1)
             self._input, self._version = x, x._version
             self._parts = {id(m): part for m, part in zip(self.layers, parts)}
         part = self._parts.pop(id(layer))
@@ -211,7 +211,7 @@ class LoRALinear(nn.Module):
             A = modules["lora_A"]._parameters["weight"]
             if x.dtype != A.dtype:
                 x = x.to(A.dtype)
-            a = torch.mm(x.reshape(-1, x.shape[-1]), A.t())  # (rows, r)
+            a = F.linear(x.reshape(-1, x.shape[-1]), A)  # (rows, r)
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
             delta = (torch.cat(parts, -1) * self.scaling).view(*result.shape[:-1], -1)
