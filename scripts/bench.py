@@ -65,6 +65,14 @@ def base_model(name: str):
     return model.to(device())
 
 
+def sharing_weights(model, source):
+    """``model`` with every parameter and buffer pointing at ``source``'s tensors."""
+    tensors = dict(source.named_parameters()) | dict(source.named_buffers())
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        tensor.data = tensors[name].data
+    return model
+
+
 def with_lora(lib: str, model, targets, r: int, dropout: float):
     if lib == "lorakit":
         from lorakit import LoraConfig, add_lora
@@ -158,6 +166,23 @@ def batch_of(vocab: int, b: int, t: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
+def unmerged_forward(model_name: str, base, batch: dict, reps: int, iters: int):
+    """Small-batch forward with adapters unmerged (all-linear r=16): each tool's overhead
+    over the base forward. Returns the lorakit model (for the merged row) and the row."""
+    # All three models read one copy of the base weights: two copies of the same model differ
+    # in speed by a few percent (where their memory lies), as much as the overhead measured.
+    lk_model = with_lora("lorakit", sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0)
+    pf_model = with_lora("peft", sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0)
+    # The base runs interleaved with both: the ratio is that of the overheads, per repetition.
+    tb, ta, tp = interleaved([make_forward(m, batch) for m in (base, lk_model, pf_model)], 10 * reps, iters * 10)
+    ratios = [(a - b) / (p - b) for a, b, p in zip(ta, tb, tp)]
+    b = statistics.median(tb)
+    return lk_model, {"model": model_name, "what": "unmerged forward 1x8, all r16: overhead over the base",
+                      "a_s": statistics.median(ta), "b_s": statistics.median(tp), "ratio": statistics.median(ratios),
+                      "spread": [min(ratios), max(ratios)], "lorakit_overhead": statistics.median(ta) / b - 1,
+                      "peft_overhead": statistics.median(tp) / b - 1}
+
+
 def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dict]:
     rows = []
     vocab = 8192 if model_name == "tiny" else 49152
@@ -199,19 +224,11 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
             del lk
         del pf
 
-    # Small-batch unmerged forward, all-linear r=16: overhead over the base forward.
-    lk_model = with_lora("lorakit", base_model(model_name), "all-linear", 16, 0.0)
-    pf_model = with_lora("peft", base_model(model_name), "all-linear", 16, 0.0)
-    # The base runs interleaved with both: the ratio is that of the overheads, per repetition.
-    tb, ta, tp = interleaved([make_forward(m, small) for m in (base, lk_model, pf_model)], 5 * reps, iters * 10)
-    ratios = [(a - b) / (p - b) for a, b, p in zip(ta, tb, tp)]
-    b = statistics.median(tb)
-    rows.append({"model": model_name, "what": "unmerged forward 1x8, all r16: overhead over the base",
-                 "a_s": statistics.median(ta), "b_s": statistics.median(tp), "ratio": statistics.median(ratios),
-                 "spread": [min(ratios), max(ratios)], "lorakit_overhead": statistics.median(ta) / b - 1,
-                 "peft_overhead": statistics.median(tp) / b - 1})
+    lk_model, row = unmerged_forward(model_name, base, small, reps, iters)
+    rows.append(row)
 
-    # Merged forward against the base itself.
+    # Merged forward against the base itself, on the weights both read (B is still zero, so
+    # merging leaves their values as they were): only the wrappers differ.
     from lorakit import merge_lora
 
     merge_lora(lk_model)

@@ -57,6 +57,22 @@ def test_every_forward_path_is_the_formula(shape, grad, hooked):
             torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_dropout_follows_training_mode_not_autograd(grad):
+    # Dropout belongs to train mode, with or without autograd (a no-grad forward of a
+    # training model, as some evaluation loops run, still drops); eval mode never drops.
+    layer = _layer(dropout=1.0)  # every adapter input dropped: the update vanishes
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 3, 16)
+    W, A, B = layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
+    with torch.set_grad_enabled(grad):
+        layer.train()
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+        layer.eval()
+        expected = x @ W.T + layer.base_layer.bias + 2.0 * (x @ A.T) @ B.T
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["bf16 base", "autocast"])
 def test_mixed_precision_forward_is_the_formula(mode):
     # float32 adapters beside a bfloat16 base, or under autocast: the in-place path must
