@@ -195,27 +195,34 @@ class LoRALinear(nn.Module):
         modules = self._modules
         base = modules["base_layer"]
         bare = is_bare_linear(base)
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
         if bare:
-            result = F.linear(x, base._parameters["weight"], base._parameters["bias"])
+            # On the rows, not on x: a 3-D F.linear folds and unfolds its input around the
+            # same matmul, a dozen more dispatches per call.
+            result = F.linear(rows, base._parameters["weight"], base._parameters["bias"])
+            if self.merged:
+                return result.view(*lead, -1)
         else:
-            result = base(x)
-        if self.merged:
-            return result
+            result = base(x)  # a hooked or quantized base gets the input it was called with
+            if self.merged:
+                return result
+            result = result.reshape(-1, result.shape[-1])
         B = modules["lora_B"]._parameters["weight"]
         grad = torch.is_grad_enabled()
         if self.shared_input is not None and grad:
             a = self.shared_input.down(self, x)
         else:
             if self.dropout and self.training:
-                x = F.dropout(x, self.dropout, training=True)
+                rows = F.dropout(rows, self.dropout, training=True)
             A = modules["lora_A"]._parameters["weight"]
-            if x.dtype != A.dtype:
-                x = x.to(A.dtype)
-            a = F.linear(x.reshape(-1, x.shape[-1]), A)  # (rows, r)
+            if rows.dtype != A.dtype:
+                rows = rows.to(A.dtype)
+            a = F.linear(rows, A)  # (rows, r)
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
-            delta = (torch.cat(parts, -1) * self.scaling).view(*result.shape[:-1], -1)
-            return result.index_add(-1, self.out_index, delta.to(result.dtype))
+            delta = torch.cat(parts, -1) * self.scaling
+            return result.index_add(-1, self.out_index, delta.to(result.dtype)).view(*lead, -1)
         scale = self.scaling
         if grad:
             # Scale the rank-r intermediate: backward then pays for r columns, not d_out.
@@ -224,10 +231,10 @@ class LoRALinear(nn.Module):
             # ``result`` is a fresh tensor of our own that no backward reads: accumulating B·a
             # into it allocates no second d_out-wide tensor (on the CPU, fresh memory costs
             # page faults that outweigh the small matmul itself).
-            result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=scale)
-            return result
-        delta = F.linear(a, B).view(result.shape)
-        return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scale)
+            return result.addmm_(a, B.t(), alpha=scale).view(*lead, -1)
+        delta = F.linear(a, B)
+        return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype),
+                         alpha=scale).view(*lead, -1)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` in the base weight's layout, computed in float32."""

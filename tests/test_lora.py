@@ -110,15 +110,18 @@ def test_merge_with_hand_set_weights():
     assert torch.equal(layer.base_layer.weight, expected)
 
 
-def test_merge_unmerge_roundtrip_and_idempotence():
+@pytest.mark.parametrize("shape", [(16,), (4, 16), (2, 3, 16)])
+def test_merge_unmerge_roundtrip_and_idempotence(shape):
     layer = _layer()
     nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(4, 16)
+    x = torch.randn(*shape)
     before = layer(x)
+    assert before.shape == (*shape[:-1], 12)
     w0 = layer.base_layer.weight.clone()
     layer.merge()
     layer.merge()  # no double add
     assert layer.merged
+    assert layer(x).shape == before.shape
     torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight(), atol=1e-6, rtol=0)
     layer.unmerge()
@@ -185,8 +188,8 @@ def test_slices_write_only_their_rows():
     layer = LoRALinear(nn.Linear(16, 12), r=2, alpha=4, out_slices=rows)
     assert layer.lora_A.weight.shape == (4, 16) and layer.lora_B.weight.shape == (8, 2)
     nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(3, 16)
-    diff = (layer(x) - layer.base_layer(x)).abs().sum(0)
+    x = torch.randn(2, 3, 16)
+    diff = (layer(x) - layer.base_layer(x)).abs().sum((0, 1))
     assert torch.all(diff[4:8] == 0) and torch.all(diff[:4] > 0) and torch.all(diff[8:] > 0)
     delta = layer.delta_weight()
     assert torch.count_nonzero(delta[4:8]) == 0
