@@ -197,28 +197,24 @@ class LoRALinear(nn.Module):
         bare = is_bare_linear(base)
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        if bare:
-            # On the rows, not on x: a 3-D F.linear folds and unfolds its input around the
-            # same matmul, a dozen more dispatches per call.
-            result = F.linear(rows, base._parameters["weight"], base._parameters["bias"])
-            if self.merged:
-                return result.view(*lead, -1)
-        else:
-            result = base(x)  # a hooked or quantized base gets the input it was called with
-            if self.merged:
-                return result
-            result = result.reshape(-1, result.shape[-1])
-        B = modules["lora_B"]._parameters["weight"]
+        if self.merged:
+            return self._base_forward(base, bare, x, rows).view(*lead, -1)
+        # The down-projection before the base, while x is still in cache: the base's weight
+        # matrix streams through the cache and evicts it (measured: a 1x8-token forward through
+        # many adapters pays less this way round).
         grad = torch.is_grad_enabled()
         if self.shared_input is not None and grad:
             a = self.shared_input.down(self, x)
         else:
+            a_in = rows
             if self.dropout and self.training:
-                rows = F.dropout(rows, self.dropout, training=True)
+                a_in = F.dropout(a_in, self.dropout, training=True)
             A = modules["lora_A"]._parameters["weight"]
-            if rows.dtype != A.dtype:
-                rows = rows.to(A.dtype)
-            a = F.linear(rows, A)  # (rows, r)
+            if a_in.dtype != A.dtype:
+                a_in = a_in.to(A.dtype)
+            a = F.linear(a_in, A)  # (rows, r)
+        result = self._base_forward(base, bare, x, rows)
+        B = modules["lora_B"]._parameters["weight"]
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
             delta = torch.cat(parts, -1) * self.scaling
@@ -235,6 +231,16 @@ class LoRALinear(nn.Module):
         delta = F.linear(a, B)
         return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype),
                          alpha=scale).view(*lead, -1)
+
+    @staticmethod
+    def _base_forward(base: nn.Module, bare: bool, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The base layer's output as ``(rows, d_out)``."""
+        if bare:
+            # On the rows, not on x: a 3-D F.linear folds and unfolds its input around the
+            # same matmul, a dozen more dispatches per call.
+            return F.linear(rows, base._parameters["weight"], base._parameters["bias"])
+        out = base(x)  # a hooked or quantized base gets the input it was called with
+        return out.reshape(-1, out.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` in the base weight's layout, computed in float32."""
