@@ -166,28 +166,46 @@ def batch_of(vocab: int, b: int, t: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def unmerged_forward(model_name: str, base, batch: dict, reps: int, iters: int):
-    """Small-batch forward with adapters unmerged (all-linear r=16): each tool's overhead
-    over the base forward. Returns the lorakit model (for the merged row) and the row."""
+UNMERGED_PROCESSES = 3
+
+
+def unmerged_forward_child(model_name: str, reps: int, iters: int) -> None:
+    """Run in a subprocess: the small-batch forward (1x8 tokens) of the base, of lorakit and
+    of PEFT with all-linear r=16 adapters unmerged; prints each one's seconds per call,
+    repetition by repetition, as JSON."""
+    base = base_model(model_name)
+    small = batch_of(8192 if model_name == "tiny" else 49152, 1, 8)
     # All three models read one copy of the base weights: two copies of the same model differ
     # in speed by a few percent (where their memory lies), as much as the overhead measured.
-    lk_model = with_lora("lorakit", sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0)
-    pf_model = with_lora("peft", sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0)
+    models = [base] + [with_lora(lib, sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0)
+                       for lib in ("lorakit", "peft")]
     # The base runs interleaved with both: the ratio is that of the overheads, per repetition.
-    tb, ta, tp = interleaved([make_forward(m, batch) for m in (base, lk_model, pf_model)], 10 * reps, iters * 10)
-    ratios = [(a - b) / (p - b) for a, b, p in zip(ta, tb, tp)]
+    print(json.dumps(interleaved([make_forward(m, small) for m in models], reps, iters)))
+
+
+def unmerged_forward(model_name: str, reps: int, iters: int) -> dict:
+    """Each tool's overhead over the base forward at 1x8 tokens, adapters unmerged, over
+    several fresh processes: where a process's tensors lie moves this small overhead by
+    several hundredths of the ratio, more than its repetitions disagree among themselves."""
+    runs = []
+    for _ in range(UNMERGED_PROCESSES):
+        out = subprocess.run([sys.executable, __file__, "--unmerged-child", model_name, str(reps), str(iters)],
+                             capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    per_run = [[(a - b) / (p - b) for b, a, p in zip(*run)] for run in runs]
+    ratios = [r for run in per_run for r in run]
+    tb, ta, tp = ([t for run in runs for t in run[i]] for i in range(3))
     b = statistics.median(tb)
-    return lk_model, {"model": model_name, "what": "unmerged forward 1x8, all r16: overhead over the base",
-                      "a_s": statistics.median(ta), "b_s": statistics.median(tp), "ratio": statistics.median(ratios),
-                      "spread": [min(ratios), max(ratios)], "lorakit_overhead": statistics.median(ta) / b - 1,
-                      "peft_overhead": statistics.median(tp) / b - 1}
+    return {"model": model_name, "what": "unmerged forward 1x8, all r16: overhead over the base",
+            "a_s": statistics.median(ta), "b_s": statistics.median(tp), "ratio": statistics.median(ratios),
+            "spread": [min(ratios), max(ratios)], "per_process": [statistics.median(run) for run in per_run],
+            "lorakit_overhead": statistics.median(ta) / b - 1, "peft_overhead": statistics.median(tp) / b - 1}
 
 
 def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dict]:
     rows = []
     vocab = 8192 if model_name == "tiny" else 49152
     train_batch = batch_of(vocab, 4 if model_name == "tiny" else 2, 256)
-    small = batch_of(vocab, 1, 8)
 
     base = base_model(model_name)
     base_fwd = make_forward(base, train_batch)
@@ -224,14 +242,13 @@ def layer_level(model_name: str, reps: int, iters: int, quick: bool) -> list[dic
             del lk
         del pf
 
-    lk_model, row = unmerged_forward(model_name, base, small, reps, iters)
-    rows.append(row)
+    rows.append(unmerged_forward(model_name, 4 * reps, 10 * iters))
 
     # Merged forward against the base itself, on the weights both read (B is still zero, so
     # merging leaves their values as they were): only the wrappers differ.
     from lorakit import merge_lora
 
-    merge_lora(lk_model)
+    lk_model = merge_lora(with_lora("lorakit", sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0))
     res = compare(make_forward(lk_model, train_batch), base_fwd, 3 * reps, iters)  # the same math: only noise
     rows.append({"model": model_name, "what": "merged forward / base forward", **res})
     return rows
@@ -363,6 +380,7 @@ def show(rows: list[dict]) -> None:
             notes.append(f"a zero-cost adapter: {r['zero_cost_ratio']:.2f}")
         if "lorakit_overhead" in r:
             notes.append(f"overhead {r['lorakit_overhead']:+.1%} vs {r['peft_overhead']:+.1%}")
+            notes.append("per process " + " / ".join(f"{x:.2f}" for x in r["per_process"]))
         if "lorakit_val_loss" in r:
             notes.append(f"mean val loss {r['lorakit_val_loss']:.4f} vs {r['peft_val_loss']:.4f}")
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
@@ -375,6 +393,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "LIB", "SETUP"), help=argparse.SUPPRESS)
+    parser.add_argument("--unmerged-child", nargs=3, metavar=("MODEL", "REPS", "ITERS"), help=argparse.SUPPRESS)
     parser.add_argument("--e2e-child", nargs=3, metavar=("LIB", "SEED", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
     parser.add_argument("--e2e-seeds", type=int, default=3, help="seeds of the end-to-end comparison")
@@ -382,6 +401,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
+    if args.unmerged_child:
+        model_name, reps, iters = args.unmerged_child
+        return unmerged_forward_child(model_name, int(reps), int(iters))
     if args.e2e_child:
         lib, seed, steps = args.e2e_child
         return e2e_child(lib, int(seed), int(steps))
