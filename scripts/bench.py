@@ -174,7 +174,7 @@ def unmerged_forward_child(model_name: str, reps: int, iters: int) -> None:
     of PEFT with all-linear r=16 adapters unmerged; prints each one's seconds per call,
     repetition by repetition, as JSON."""
     base = base_model(model_name)
-    small = batch_of(8192 if model_name == "tiny" else 49152, 1, 8)
+    small = batch_of(base.config.vocab_size, 1, 8)
     # All three models read one copy of the base weights: two copies of the same model differ
     # in speed by a few percent (where their memory lies), as much as the overhead measured.
     models = [base] + [with_lora(lib, sharing_weights(base_model(model_name), base), "all-linear", 16, 0.0)
