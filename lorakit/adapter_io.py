@@ -1,11 +1,16 @@
-"""Adapters on disk in PEFT's format, both ways, with strict checks.
+"""Adapters on disk in PEFT's format, both ways, all or nothing.
 
-Files: ``adapter_config.json`` (PEFT's LoRA config), ``adapter_model.safetensors``
-(keys ``base_model.model.<path>.lora_A.weight`` of shape ``(r, d_in)`` and
-``lora_B.weight`` of shape ``(d_out, r)``) and ``lorakit_adapter.json`` (lorakit's own
-config, which PEFT ignores). Slice adapters on fused qkv layers have no PEFT form, so
-they are written losslessly as a block-structured rank ``k·r`` LoRA on the fused layer
-(A stacked, B block-placed) with ``rank_pattern``/``alpha_pattern`` keeping the scaling.
+Files: ``adapter_config.json`` (PEFT's LoRA config: the one description of the adapter,
+read by PEFT, lorakit and every serving engine) and ``adapter_model.safetensors`` (keys
+``base_model.model.<path>.lora_A.weight`` of shape ``(r, d_in)`` and ``lora_B.weight`` of
+shape ``(d_out, r)``). Slice adapters on fused qkv layers have no PEFT form, so they are
+written losslessly as a block-structured rank ``k·r`` LoRA on the fused layer (A stacked,
+B block-placed) with an explicit per-module ``rank_pattern``/``alpha_pattern`` keeping
+the scaling.
+
+Reading accepts an adapter only when lorakit implements every setting in its
+``adapter_config.json`` (an allowlist checked against PEFT's defaults), and checks every
+tensor (names, shapes, dtypes, finite values) before the model is touched.
 """
 
 from __future__ import annotations
@@ -14,21 +19,179 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import ValidationError
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lorakit.inject import LoraConfig, add_lora, find_targets, lora_modules, trainable_state
-from lorakit.lora import LoraError, LoRALinear
+from lorakit.config import LoraConfig
+from lorakit.errors import LoraError
+from lorakit.files import atomic_file
+from lorakit.inject import Target, add_lora, lora_modules, pattern_value, plan_injection
+from lorakit.lora import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-LORAKIT_NAME = "lorakit_adapter.json"
 PREFIX = "base_model.model."
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "target_parameters": "target_parameters"}
+
+# adapter_config.json keys lorakit reads and implements.
+_IMPLEMENTED = {
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
+    "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "init_lora_weights", "fan_in_fan_out",
+}
+# Keys that describe the file, not the function the adapter computes.
+_METADATA = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "megatron_core", "qalora_group_size",
+}
+# PEFT settings lorakit does not implement: accepted only at their default (off), and
+# what each one would change, for the refusal message.
+_NOT_IMPLEMENTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA: a trained magnitude vector rescales every column)",
+    "lora_bias": "a trained bias on lora_B",
+    "target_parameters": "LoRA on raw parameters (e.g. mixture-of-experts weights)",
+    "trainable_token_indices": "trained rows of the embedding matrix (trainable tokens)",
+    "alora_invocation_tokens": "activated LoRA (the update applies only after the invocation tokens)",
+    "use_qalora": "QA-LoRA (the adapter reads group-pooled inputs)",
+    "layer_replication": "replicated base layers (the model's structure changes)",
+    "megatron_config": "Megatron-LM tensor-parallel layers",
+    "loftq_config": "LoftQ (the adapter expects a LoftQ-quantized base)",
+    "corda_config": "CorDA initialisation (the adapter expects a modified base)",
+    "lora_ga_config": "LoRA-GA initialisation (the adapter expects a modified base)",
+    "arrow_config": "Arrow routing between several adapters",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "use_bdlora": "BD-LoRA",
+    "ensure_weight_tying": "tied modules_to_save",
+}
+# init_lora_weights values that leave the base model as it was (the saved A and B are all there is).
+_PLAIN_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "eva": "kaiming"}
+_CONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _is_off(value) -> bool:
+    return value in (None, False, {}, [], "")
+
+
+def _refusals(peft: dict) -> list[str]:
+    """Every key of ``peft`` whose meaning lorakit would not reproduce exactly."""
+    problems = []
+    for key, value in peft.items():
+        if key in _IMPLEMENTED or key in _METADATA:
+            continue
+        if _is_off(value):
+            continue  # a feature switched off, whatever its name
+        what = _NOT_IMPLEMENTED.get(key, "a setting unknown to lorakit (from a newer PEFT?)")
+        problems.append(f"{key}={value!r}: {what}")
+    init = peft.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        if isinstance(init, str) and init.startswith(_CONVERTED_INITS):
+            problems.append(f"init_lora_weights={init!r}: saved without conversion, the adapter expects a base "
+                            "with its principal components taken out; save it in PEFT with "
+                            "path_initial_model_for_weight_conversion to get a plain LoRA that lorakit loads")
+        else:
+            problems.append(f"init_lora_weights={init!r}: an initialisation lorakit does not know")
+    return problems
+
+
+def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
+    """The ``LoraConfig`` an ``adapter_config.json`` describes.
+
+    Raises:
+        LoraError: a non-LoRA adapter, missing ``target_modules``, invalid values, or
+            settings lorakit does not implement (each named, with what it means).
+    """
+    if not isinstance(peft, dict):
+        raise LoraError(f"{source}: expected a JSON object, got {type(peft).__name__}")
+    if peft.get("peft_type") != "LORA":
+        raise LoraError(f"{source}: peft_type is {peft.get('peft_type')!r}; only LORA adapters load")
+    problems = _refusals(peft)
+    if problems:
+        raise LoraError(f"{source}: lorakit cannot load this adapter exactly:\n  - " + "\n  - ".join(problems))
+    if not peft.get("target_modules"):
+        raise LoraError(f"{source}: no target_modules, so which layers the adapter belongs to is unknown")
+    layers = peft.get("layers_to_transform")
+    fields = {
+        "r": peft.get("r", 8), "alpha": peft.get("lora_alpha", 8), "dropout": peft.get("lora_dropout", 0.0),
+        "target_modules": peft["target_modules"], "bias": peft.get("bias", "none"),
+        "use_rslora": peft.get("use_rslora", False), "modules_to_save": peft.get("modules_to_save"),
+        "layers": [layers] if isinstance(layers, int) else layers, "layers_pattern": peft.get("layers_pattern"),
+        "exclude_modules": peft.get("exclude_modules"), "rank_pattern": peft.get("rank_pattern") or None,
+        "alpha_pattern": peft.get("alpha_pattern") or None,
+        "init": _PLAIN_INITS[peft.get("init_lora_weights", True)],
+    }
+    try:
+        return LoraConfig(**fields)
+    except ValidationError as e:
+        names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "layers": "layers_to_transform"}
+        lines = [f"{names.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else '?'}: "
+                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise LoraError(f"{source}: invalid values:\n  - " + "\n  - ".join(lines)) from None
+
+
+@dataclass
+class Adapter:
+    """An adapter directory, read and checked: its config and its tensors under PEFT's keys."""
+
+    path: Path
+    config: LoraConfig
+    base_model: str | None
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, str | None]:
+    """The adapter's ``LoraConfig`` and the base model it names (``None`` when it names none).
+
+    Raises:
+        LoraError: no adapter there, invalid JSON, or an adapter lorakit cannot load exactly.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise LoraError(f"{path}: no such adapter directory")
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise LoraError(f"{path}: no {CONFIG_NAME} here; is this an adapter directory?")
+    try:
+        peft = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraError(f"{file}: not valid JSON ({e})") from None
+    config = config_from_peft(peft, str(file))
+    return config, peft.get("base_model_name_or_path") or None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = " (only the pickle-based adapter_model.bin is there, which lorakit never loads)"
+        raise LoraError(f"{path}: no {WEIGHTS_NAME}{pickled if (path / 'adapter_model.bin').exists() else ''}")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraError(f"{weights}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    problems = [f"{k} holds {t.dtype} values; adapter tensors must be floating point"
+                for k, t in state.items() if not t.dtype.is_floating_point]
+    problems += [f"{k} holds NaN or infinite values" for k, t in state.items()
+                 if t.dtype.is_floating_point and not torch.isfinite(t).all()]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LoraError(f"{weights}: {problems[0]}{more}; the adapter is broken")
+    return {k if k.startswith(PREFIX) else PREFIX + k.removeprefix("base_model."): v for k, v in state.items()}
+
+
+def read_adapter(directory: str | os.PathLike) -> Adapter:
+    """Read and check an adapter directory (config and tensors), touching no model."""
+    config, base = read_adapter_config(directory)
+    return Adapter(Path(directory), config, base, _read_tensors(Path(directory)))
+
+
+# --- from model to files -------------------------------------------------------------
 
 
 def _place_blocks(module: LoRALinear, blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -40,22 +203,36 @@ def _place_blocks(module: LoRALinear, blocks: list[torch.Tensor]) -> torch.Tenso
     return full
 
 
-def _unblock_B(module: LoRALinear, full: torch.Tensor, name: str) -> torch.Tensor:
-    """Inverse of ``_place_blocks``; refuses a matrix with weight outside the slice blocks."""
+def _unblock_B(module: LoRALinear, full: torch.Tensor) -> torch.Tensor | None:
+    """Inverse of ``_place_blocks``; ``None`` for a matrix with weight outside the slice blocks."""
     rows = module.out_index.split(module.slice_sizes)
     blocks = [full[rows_i, i * module.r : (i + 1) * module.r] for i, rows_i in enumerate(rows)]
-    if not torch.equal(_place_blocks(module, blocks), full):
-        raise LoraError(f"{name}: lora_B is not block-structured for slices; cannot load as slices")
-    return torch.cat(blocks)
+    return torch.cat(blocks) if torch.equal(_place_blocks(module, blocks), full) else None
+
+
+def _is_extra(name: str, config: LoraConfig, adapted: set[str]) -> bool:
+    """A parameter saved beside the LoRA factors: a trained bias or a ``modules_to_save`` weight."""
+    owner, _, leaf = name.rpartition(".")
+    if re.search(r"\.lora_[AB]$", owner):
+        return False
+    if config.bias != "none" and leaf == "bias" and (config.bias == "all" or owner.removesuffix(".base_layer") in adapted):
+        return True
+    return any(owner == e or owner.endswith("." + e) for e in config.modules_to_save or [])
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything the adapter saves, under PEFT's key names."""
-    state = {PREFIX + n: t.detach() for n, t in trainable_state(model).items()}
-    for name, module in lora_modules(model).items():
-        if module.sliced:
-            blocks = module.lora_B.weight.detach().split(module.slice_sizes)
-            state[f"{PREFIX}{name}.lora_B.weight"] = _place_blocks(module, list(blocks))
+    """What the adapter saves, under PEFT's key names: the LoRA factors of every adapted
+    layer and the extras the config trains (biases, ``modules_to_save``), by structure."""
+    config: LoraConfig = model.lorakit_config
+    modules = lora_modules(model)
+    state = {}
+    for name, module in modules.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
+        B = module.lora_B.weight.detach()
+        state[f"{PREFIX}{name}.lora_B.weight"] = _place_blocks(module, list(B.split(module.slice_sizes))) if module.sliced else B
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if _is_extra(name, config, set(modules)):
+            state[PREFIX + name] = param.detach()
     return state
 
 
@@ -70,11 +247,13 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
     modules = lora_modules(model)
     rank_pattern, alpha_pattern = {}, {}
     for name, module in modules.items():
-        k = len(module.slice_sizes)
-        if module.sliced and k > 1:
-            # Keep alpha/r (or alpha/sqrt(r)) unchanged at rank k·r.
-            rank_pattern[re.escape(name)] = k * module.r
-            alpha_pattern[re.escape(name)] = module.alpha * (math.sqrt(k) if config.use_rslora else k)
+        k = len(module.slice_sizes) if module.sliced else 1
+        # A slice adapter is saved at rank k·r: alpha grows with it so that alpha/r (or
+        # alpha/sqrt(r)) is unchanged.
+        rank, alpha = k * module.r, module.alpha * (math.sqrt(k) if config.use_rslora else k)
+        if (rank, alpha) != (config.r, config.alpha):
+            rank_pattern[re.escape(name)] = rank
+            alpha_pattern[re.escape(name)] = alpha
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     return {
         "peft_type": "LORA",
@@ -101,12 +280,6 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapter in PEFT's format (each file replaced atomically).
 
@@ -116,131 +289,64 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     Raises:
         LoraError: when the model has no LoRA layers.
     """
+    from safetensors.torch import save_file
+
     config = getattr(model, "lorakit_config", None)
     if config is None or not lora_modules(model):
         raise LoraError("the model has no LoRA layers to save; call add_lora(model, config) first")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in adapter_state(model).items()}
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    for name, payload in ((CONFIG_NAME, _peft_config(model, config)), (LORAKIT_NAME, config.to_dict())):
-        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-        _write_atomic(out / name, lambda p, t=text: p.write_text(t))
+    with atomic_file(out / WEIGHTS_NAME) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    with atomic_file(out / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(_peft_config(model, config), indent=2, sort_keys=True) + "\n")
     return out
 
 
-def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict]:
-    """The adapter's ``LoraConfig`` (lorakit's own file when present, else PEFT's) and the
-    per-module patterns (``rank_pattern``/``alpha_pattern``) it needs on top.
+# --- from files to model -------------------------------------------------------------
 
-    Raises:
-        LoraError: for a missing directory or file, a non-LoRA adapter, or PEFT features
-            lorakit does not implement.
+
+def _existing_plan(model: nn.Module) -> dict[str, Target]:
+    """The plan a model with LoRA layers was built from (r per slice, slices as PEFT saves them)."""
+    return {n: Target(n, m.in_features, m.out_features, m.r, m.alpha, tuple(str(i) for i in range(len(m.slice_sizes)))
+                      if m.sliced else (), tuple(m.slice_sizes) if m.sliced else ())
+            for n, m in lora_modules(model).items()}
+
+
+def expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """PEFT keys and shapes an adapter with ``config`` must hold for ``model``.
+
+    A model that already has LoRA layers is described by them; otherwise by the
+    injection plan of ``config``. Nothing is changed; a meta-device model will do.
     """
-    path = Path(directory)
-    peft_file = path / CONFIG_NAME
-    if not peft_file.is_file():
-        raise LoraError(f"{path}: no {CONFIG_NAME} here; is this an adapter directory?")
-    peft = json.loads(peft_file.read_text())
-    if peft.get("peft_type") != "LORA":
-        raise LoraError(f"{peft_file}: peft_type is {peft.get('peft_type')!r}; only LORA adapters load")
-    for key, what in _UNSUPPORTED.items():
-        if peft.get(key):
-            raise LoraError(f"{peft_file}: the adapter uses {what}, which lorakit does not support")
-    own = path / LORAKIT_NAME
-    if own.is_file():
-        # lorakit's file describes the slices directly; the patterns only encode them for PEFT.
-        return LoraConfig(**json.loads(own.read_text())), {}
-    layers = peft.get("layers_to_transform")
-    config = LoraConfig(
-        r=peft.get("r", 8),
-        alpha=peft.get("lora_alpha", 8),
-        dropout=peft.get("lora_dropout", 0.0),
-        target_modules=peft["target_modules"],
-        bias=peft.get("bias", "none"),
-        use_rslora=peft.get("use_rslora", False),
-        modules_to_save=peft.get("modules_to_save"),
-        layers=[layers] if isinstance(layers, int) else layers,
-    )
-    return config, {k: peft.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
-
-
-def pattern_value(pattern: dict | None, name: str, default):
-    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key matching the end of ``name``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _pattern_ranks(names: list[str], config: LoraConfig, patterns: dict) -> dict[str, tuple[int, float]]:
-    """Per-module ``(r, alpha)`` from PEFT's ``rank_pattern``/``alpha_pattern``."""
-    ranks = {}
-    for name in names:
-        r = pattern_value(patterns.get("rank_pattern"), name, config.r)
-        alpha = pattern_value(patterns.get("alpha_pattern"), name, config.alpha)
-        if (r, alpha) != (config.r, config.alpha):
-            ranks[name] = (r, alpha)
-    return ranks
-
-
-def _expected_shapes(model: nn.Module, config: LoraConfig, patterns: dict) -> dict[str, tuple[int, ...]]:
-    """PEFT keys and shapes the adapter must hold for this model, computed without changing it."""
-    modules = dict(model.named_modules())
-    existing = lora_modules(model)
-    if existing:
-        targets = {n: [None] * len(m.slice_sizes) if m.sliced else [] for n, m in existing.items()}
-        ranks = {n: (m.r, m.alpha) for n, m in existing.items()}
-    else:
-        targets = find_targets(model, config)
-        ranks = _pattern_ranks(list(targets), config, patterns)
+    existing = bool(lora_modules(model))
+    plan = _existing_plan(model) if existing else plan_injection(model, config, strict=False)
     shapes = {}
-    for name, roles in targets.items():
-        module = modules[name]
-        base = module.base_layer if isinstance(module, LoRALinear) else module
-        d_in, d_out = base.weight.shape if isinstance(base, Conv1D) else (base.in_features, base.out_features)
-        r = ranks.get(name, (config.r, config.alpha))[0] * max(1, len(roles))
-        shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, d_in)
-        shapes[f"{PREFIX}{name}.lora_B.weight"] = (d_out, r)
+    for name, target in plan.items():
+        shapes[f"{PREFIX}{name}.lora_A.weight"] = (target.rank, target.d_in)
+        shapes[f"{PREFIX}{name}.lora_B.weight"] = (target.d_out, target.rank)
     for name, param in model.named_parameters(remove_duplicate=False):
-        extra = _is_bias_target(name, config, targets) or _in_modules_to_save(name, config)
-        if extra and not re.search(r"\.lora_[AB]\.", name):
-            shapes[PREFIX + name if existing else PREFIX + _wrapped_name(name, targets)] = tuple(param.shape)
+        wrapped = name if existing else _wrapped_name(name, plan)
+        if _is_extra(wrapped, config, set(plan)):
+            shapes[PREFIX + wrapped] = tuple(param.shape)
     return shapes
 
 
-def _wrapped_name(name: str, targets: dict) -> str:
+def _wrapped_name(name: str, plan: dict) -> str:
     """A parameter's name once its layer is wrapped (``q_proj.bias`` → ``q_proj.base_layer.bias``)."""
     owner, _, leaf = name.rpartition(".")
-    return f"{owner}.base_layer.{leaf}" if owner in targets else name
+    return f"{owner}.base_layer.{leaf}" if owner in plan else name
 
 
-def _is_bias_target(name: str, config: LoraConfig, targets: dict) -> bool:
-    if config.bias == "none" or not name.endswith(".bias"):
-        return False
-    owner = name[: -len(".bias")].removesuffix(".base_layer")
-    return config.bias == "all" or owner in targets
-
-
-def _in_modules_to_save(name: str, config: LoraConfig) -> bool:
-    owner = name.rpartition(".")[0]
-    return any(owner == e or owner.endswith("." + e) for e in config.modules_to_save or [])
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = " (only the pickle-based adapter_model.bin is there, which lorakit never loads)"
-        raise LoraError(f"{path}: no {WEIGHTS_NAME}{pickled if (path / 'adapter_model.bin').exists() else ''}")
-    state = load_file(weights)
-    return {k if k.startswith(PREFIX) else PREFIX + k.removeprefix("base_model."): v for k, v in state.items()}
-
-
-def _problems(model: nn.Module, config: LoraConfig, patterns: dict, state: dict) -> list[str]:
+def adapter_problems(model: nn.Module, adapter: Adapter) -> list[str]:
+    """Every way ``adapter`` does not fit ``model`` (empty when it fits): unexpected,
+    missing and mis-shaped tensors, and slice factors that are not block-structured."""
     try:
-        expected = _expected_shapes(model, config, patterns)
+        expected = expected_tensors(model, adapter.config)
     except LoraError as e:
         return [str(e)]
+    state = adapter.tensors
     problems = [f"the adapter has {k}, which is no LoRA target of this {type(model).__name__}"
                 for k in state if k not in expected]
     for key, shape in expected.items():
@@ -248,45 +354,43 @@ def _problems(model: nn.Module, config: LoraConfig, patterns: dict, state: dict)
             problems.append(f"it has no tensor for {key}")
         elif tuple(state[key].shape) != shape:
             problems.append(f"{key} has shape {tuple(state[key].shape)}, the model needs {shape}")
+    if not problems:
+        for name, module in lora_modules(model).items():
+            if module.sliced and _unblock_B(module, state[f"{PREFIX}{name}.lora_B.weight"]) is None:
+                problems.append(f"{PREFIX}{name}.lora_B.weight is not block-structured for this model's slices "
+                                "(was it retrained outside lorakit?); load it onto a model without LoRA layers")
     return problems
 
 
 def check_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Every way the adapter in ``directory`` does not fit ``model`` (empty when it fits).
-
-    Only names and shapes are compared, so a weightless (meta-device) model will do.
-    """
-    path = Path(directory)
-    config, patterns = read_adapter_config(path)
-    return _problems(model, config, patterns, _load_state(path))
+    """Every way the adapter in ``directory`` does not fit ``model`` (empty when it fits)."""
+    return adapter_problems(model, read_adapter(directory))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter (lorakit's or PEFT's) onto ``model``.
 
     A model without LoRA layers gets them injected as the adapter's config says; a model
-    that has them gets their weights replaced. Every key and shape is checked before the
-    model is touched, so a mismatch leaves it unchanged.
+    that has them gets their weights replaced. The config, every tensor and its fit are
+    checked before the model is touched, so a refused adapter leaves it unchanged.
 
     Raises:
-        LoraError: naming the first missing, unexpected or mis-shaped tensor.
+        LoraError: naming the first problem (and how many more there are).
     """
-    path = Path(directory)
-    config, patterns = read_adapter_config(path)
-    state = _load_state(path)
-    problems = _problems(model, config, patterns, state)
+    adapter = read_adapter(directory)
+    problems = adapter_problems(model, adapter)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise LoraError(f"{path} does not fit this model: {problems[0]}{more}")
+        raise LoraError(f"{adapter.path} does not fit this model: {problems[0]}{more}")
     if not lora_modules(model):
-        add_lora(model, config, _pattern_ranks(list(find_targets(model, config)), config, patterns))
+        add_lora(model, adapter.config, strict=False)
     modules = lora_modules(model)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for key, tensor in state.items():
+        for key, tensor in adapter.tensors.items():
             name = key[len(PREFIX) :]
             owner = name.removesuffix(".lora_B.weight")
             if owner in modules and modules[owner].sliced:
-                tensor = _unblock_B(modules[owner], tensor, owner)
+                tensor = _unblock_B(modules[owner], tensor)
             params[name].copy_(tensor)
     return model

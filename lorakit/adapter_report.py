@@ -7,15 +7,14 @@ the spectrum is that of an r×r matrix: exact, and never a d_out×d_in SVD.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from lorakit.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_adapter, pattern_value, read_adapter_config
+from lorakit.adapter_io import PREFIX, adapter_problems, read_adapter
+from lorakit.inject import pattern_value
+from lorakit.lora import scaling as lora_scaling
 
 
 @dataclass
@@ -24,6 +23,7 @@ class ModuleSpectrum:
 
     name: str
     r: int
+    alpha: float
     shape: tuple[int, int]
     norm: float
     singular_values: list[float]
@@ -64,41 +64,44 @@ def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int((kept < energy - 1e-12).sum()) + 1
 
 
-def inspect_adapter(directory: str | Path, base: torch.nn.Module | None = None) -> AdapterReport:
+def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterReport:
     """Read an adapter directory (lorakit's or PEFT's) and analyse every update.
+
+    r, alpha and scaling come from the same typed config that loading uses, so what is
+    printed is what is computed.
 
     Args:
         directory: the adapter directory.
-        base: a model (weights not needed: a meta-device skeleton will do) to check the
-            adapter against; problems are listed in the report, not raised.
+        base: a model to check the adapter against (only its config is read); problems
+            are listed in the report, not raised.
     """
-    path = Path(directory)
-    config, _ = read_adapter_config(path)
-    peft = json.loads((path / CONFIG_NAME).read_text())
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    tensors, dtypes = {}, set()
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
-            dtypes.add(str(tensors[key].dtype).removeprefix("torch."))
+    adapter = read_adapter(directory)
+    config = adapter.config
+    files = {p.name: p.stat().st_size for p in sorted(adapter.path.iterdir()) if p.is_file()}
+    tensors = adapter.tensors
     modules = []
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         name = key[len(PREFIX) : -len(".lora_A.weight")]
-        A, B = tensors[key], tensors[f"{PREFIX}{name}.lora_B.weight"]
-        r = pattern_value(peft.get("rank_pattern"), name, peft.get("r", A.shape[0]))
-        alpha = pattern_value(peft.get("alpha_pattern"), name, peft.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if peft.get("use_rslora") else alpha / r
-        sv = spectrum(A, B, scaling)
-        modules.append(ModuleSpectrum(name, A.shape[0], (B.shape[0], A.shape[1]), float(sv.norm()),
+        A, B = tensors[key], tensors.get(f"{PREFIX}{name}.lora_B.weight")
+        if B is None or B.shape[1] != A.shape[0]:
+            continue  # reported by the fit check against a base; nothing to analyse
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.alpha)
+        sv = spectrum(A, B, lora_scaling(r, alpha, config.use_rslora))
+        modules.append(ModuleSpectrum(name, A.shape[0], alpha, (B.shape[0], A.shape[1]), float(sv.norm()),
                                       sv.tolist(), effective_rank(sv, 0.90), effective_rank(sv, 0.99)))
     ranks = sorted(m.rank90 for m in modules)
-    scaling = config.alpha / math.sqrt(config.r) if config.use_rslora else config.alpha / config.r
+    problems = []
+    if base is not None:
+        from lorakit.targets import skeleton
+
+        problems = adapter_problems(skeleton(base), adapter)
     return AdapterReport(
-        files=files, r=config.r, alpha=config.alpha, scaling=scaling, dtypes=sorted(dtypes),
+        files=files, r=config.r, alpha=config.alpha, scaling=lora_scaling(config.r, config.alpha, config.use_rslora),
+        dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_tensors=len(tensors), n_params=sum(t.numel() for t in tensors.values()), modules=modules,
         # the smallest rank that keeps 90% of the update energy in most (over half of the) layers
-        recommended_rank=ranks[len(ranks) // 2] if ranks else 0,
-        problems=check_adapter(base, path) if base is not None else [],
+        recommended_rank=ranks[len(ranks) // 2] if ranks else 0, problems=problems,
     )
 
 

@@ -1,43 +1,48 @@
-"""Training checkpoints: written whole or not at all, and resumed exactly.
+"""Training checkpoints: written whole or not at all, checked, and resumed exactly.
 
-``checkpoints/step-N/`` holds the adapter (PEFT format), ``optimizer.pt`` (the whole
-optimizer state keyed by parameter name, tensors only, read back with
-``weights_only=True``; gathered from the shards under FSDP), ``state.json`` (step, which fixes the data
-position; scheduler; process count; config fingerprint) and one ``rng-<rank>.safetensors``
-per process. It is written under a temporary
-name and renamed, so a kill at any moment leaves the previous checkpoint intact.
+``checkpoints/step-N/`` holds the adapter (PEFT format; the whole model for full
+fine-tuning), ``optimizer.pt`` (the whole optimizer state keyed by parameter name,
+tensors only, read back with ``weights_only=True``; gathered from the shards under FSDP),
+one ``rng-<rank>.safetensors`` per process, and ``state.json``: step (which fixes the data
+position), scheduler, process count, config fingerprint, the training data's fingerprint
+and the SHA-256 of every other file. It is written under a temporary name and renamed, so
+a kill at any moment leaves the previous checkpoint intact; a file damaged later (a
+truncated copy, a bad disk) is caught by its checksum, and resuming falls back to the
+newest intact checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lorakit.adapter_io import load_adapter, save_adapter
 from lorakit.config import Config, config_to_dict
+from lorakit.errors import ResumeError, TrainingError
 from lorakit.inject import lora_modules
 from lorakit.sharding import load_optimizer_state, optimizer_state, whole_parameters
 
+logger = logging.getLogger("lorakit")
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Keys that may change between a run and its resumption without changing its result.
+# Keys that may change between a run and its resumption without changing what it computes
+# up to the checkpoint; max_steps and epochs change the schedule from there on (resume says how).
 _FREE_KEYS = {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "output_dir"}
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint that cannot be resumed from."""
+# Keys a resumed run may change to recover from a divergence (a NaN loss); recorded in metrics.jsonl.
+RECOVERY_KEYS = ("lr", "max_grad_norm", "warmup_steps")
 
 
 def fingerprint(config: Config) -> dict:
     """The parts of the config a resumed run must share with the original."""
     data = config_to_dict(config)
-    data["training"] = {k: v for k, v in data["training"].items() if k not in _FREE_KEYS}
+    data["training"] = {k: v for k, v in data["training"].items() if k not in _FREE_KEYS and k not in RECOVERY_KEYS}
     return data
 
 
@@ -45,17 +50,49 @@ def _hash(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """This process's random state (CPU and CUDA), to save with a checkpoint."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: Config, keep: int,
-                    accelerator) -> Path:
+                    accelerator, rng: dict[str, torch.Tensor], extra: dict | None = None) -> Path:
     """Write ``root/step-<step>`` atomically and prune to the newest ``keep`` checkpoints.
 
     Every process calls it: the main one writes the adapter, optimizer and state, each
     process its own RNG state, then the main one renames the directory into place.
+
+    Args:
+        rng: the random state as it was when step ``step + 1`` began, so that the resumed
+            run draws the same dropout masks as an uninterrupted one.
+        extra: more to record in ``state.json`` (e.g. the data fingerprint).
+
+    Raises:
+        TrainingError: trainable weights that are no longer finite (such a checkpoint
+            would only reproduce the failure).
     """
+    from safetensors.torch import save_file, save_model
+
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     main = accelerator.is_main_process
     moments = optimizer_state(model, optimizer)  # a collective under FSDP: every process takes part
     with whole_parameters(model):
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"the trained weights hold NaN or infinite values at step {step} (e.g. {bad[0]}); "
+                                "no checkpoint was written. Try a lower training.lr or training.max_grad_norm")
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             if lora_modules(model):
@@ -65,21 +102,23 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: 
                 save_model(model, str(tmp / "model.safetensors"))
     if main:
         torch.save(moments, tmp / "optimizer.pt")
+    accelerator.wait_for_everyone()
+    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+    if main:
+        files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {
             "step": step,
             "processes": accelerator.num_processes,
             "scheduler": scheduler.state_dict(),
             "config_hash": _hash(fingerprint(config)),
             "config": fingerprint(config),
+            "recovery": {k: getattr(config.training, k) for k in RECOVERY_KEYS},
+            "schedule": {k: getattr(config.training, k) for k in ("max_steps", "epochs")},
+            **(extra or {}),
+            "files": files,
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
-    accelerator.wait_for_everyone()
-    if main:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -97,6 +136,39 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (``None`` when every file matches its checksum)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "state.json is unreadable"
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file_digest(file) != digest:
+            return f"{name} does not match its checksum (truncated or corrupted)"
+    return None
+
+
+def newest_intact(root: Path) -> Path:
+    """The newest checkpoint whose files all match their checksums, saying which were skipped.
+
+    Raises:
+        ResumeError: when there is none.
+    """
+    found = list_checkpoints(root)
+    if not found:
+        raise ResumeError(f"--resume: no complete checkpoint in {root}")
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is damaged (%s); trying an older one", path.name, problem)
+    raise ResumeError(f"--resume: every checkpoint in {root} is damaged; start over with --overwrite")
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     out = []
@@ -109,20 +181,56 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, accelerator) -> int:
-    """Restore adapter, optimizer, scheduler and this process's RNG from ``path``; returns its step.
+def resume_changes(state: dict, config: Config, data_fingerprint: dict) -> dict:
+    """What differs between the checkpoint and this run in ways resuming allows: recovery
+    settings, the schedule's length and the training data. Each is logged with what it does."""
+    t = config.training
+    changes = {}
+    for key in RECOVERY_KEYS:
+        before = state.get("recovery", {}).get(key)
+        if before != getattr(t, key):
+            changes[key] = [before, getattr(t, key)]
+            logger.warning("training.%s changed from %r to %r on resume: from step %d on the run follows the new "
+                           "value (recorded in metrics.jsonl)", key, before, getattr(t, key), state["step"])
+    for key in ("max_steps", "epochs"):
+        before = state.get("schedule", {}).get(key)
+        if before != getattr(t, key):
+            changes[key] = [before, getattr(t, key)]
+            logger.warning("training.%s changed from %r to %r: the learning-rate schedule is now laid over the new "
+                           "length, so from step %d on the run matches neither an uninterrupted run of the old "
+                           "length nor one of the new", key, before, getattr(t, key), state["step"])
+    before = state.get("data")
+    if before is not None and before != data_fingerprint:
+        changes["data"] = [before, data_fingerprint]
+        logger.warning("the training data changed since the checkpoint (%s examples, digest %s → %s examples, digest "
+                       "%s): from step %d on, batches are drawn from the new data in a new order", before["examples"],
+                       before["sha256"][:12], data_fingerprint["examples"], data_fingerprint["sha256"][:12], state["step"])
+    return changes
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, accelerator,
+                    data_fingerprint: dict) -> tuple[int, dict]:
+    """Restore adapter, optimizer, scheduler and this process's RNG from ``path``.
+
+    Returns:
+        The checkpoint's step, and the allowed changes since it was written (see
+        ``resume_changes``).
 
     Raises:
         ResumeError: when the config or the number of processes changed in a way that
             would change the result.
     """
+    from safetensors.torch import load_file, load_model
+
     state = json.loads((path / "state.json").read_text())
     if state["config_hash"] != _hash(fingerprint(config)):
         diffs = "; ".join(_differences(state["config"], fingerprint(config)))
-        raise ResumeError(f"cannot resume from {path}: the config changed ({diffs})")
+        allowed = ", ".join(f"training.{k}" for k in sorted((*_FREE_KEYS, *RECOVERY_KEYS)))
+        raise ResumeError(f"cannot resume from {path}: the config changed ({diffs}); only {allowed} may change")
     if state["processes"] != accelerator.num_processes:
         raise ResumeError(f"cannot resume from {path}: it was written by {state['processes']} process(es), "
                           f"this run has {accelerator.num_processes}; use --num-processes {state['processes']}")
+    changes = resume_changes(state, config, data_fingerprint)
     with whole_parameters(model, write_back=True):
         if (path / "adapter").is_dir():
             load_adapter(model, path / "adapter")
@@ -130,8 +238,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
             load_model(model, str(path / "model.safetensors"))
     load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
+    if "lr" in changes:  # the schedule keeps its shape and position, scaled to the new peak
+        scheduler.base_lrs = [config.training.lr for _ in scheduler.base_lrs]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # warmup_steps may have changed too
     rng = load_file(path / f"rng-{accelerator.process_index}.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
-    return int(state["step"])
+    return int(state["step"]), changes

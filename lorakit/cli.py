@@ -1,18 +1,25 @@
-"""The ``lorakit`` command line: wiring only; the work happens in the library."""
+"""The ``lorakit`` command line: wiring only.
+
+Each command parses its arguments, calls one library function and prints through
+``lorakit.report``. Errors are mapped to exit codes in one place (``_handled``): an
+input lorakit cannot honour is 2, work that could not finish is 1, Ctrl-C is 130.
+Heavy libraries are imported inside the commands, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
-import yaml
-from rich.logging import RichHandler
 
-from lorakit.config import ConfigError, config_to_dict, load_config
-from lorakit.report import console
+from lorakit.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, InputError, LorakitError, TrainingInterrupted
+from lorakit.report import console, fail_message, note
 
 app = typer.Typer(
     help="LoRA and QLoRA fine-tuning for Hugging Face causal language models.",
@@ -29,16 +36,38 @@ CONFIG_ARG = typer.Argument(..., help="YAML config file (see configs/README.md f
 SET_OPT = typer.Option(
     [], "--set", help="Override a config key, e.g. --set training.lr=1e-4 --set lora.r=16 (values are YAML)."
 )
+TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Run the model repository's own Python code (only "
+                         "for models you trust; settings saved in adapters never switch this on).")
+TARGET_ARG = typer.Argument(..., help="An adapter directory or a model (merged directory, checkpoint, 'default').")
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Into(str, Enum):
+    dequantized = "dequantized"
+    full_precision = "full-precision"
+
+
+class Metric(str, Enum):
+    rouge = "rouge"
+    bleu = "bleu"
+    exact_match = "exact_match"
+    perplexity = "perplexity"
 
 
 def _quiet_libraries() -> None:
     """lorakit reports what matters; the libraries' own progress bars and notices are noise here."""
     import datasets
     import transformers
+    from rich.logging import RichHandler
 
     logger = logging.getLogger("lorakit")
     if not logger.handlers:
-        logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+        logger.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
         logger.setLevel(logging.INFO)
         logger.propagate = False  # libraries may configure the root logger: print once
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -48,36 +77,57 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Failures caused by inputs (data, model, adapter, checkpoint): a message, not a traceback."""
-    from lorakit.checkpoint import ResumeError
-    from lorakit.data import DataError
-    from lorakit.lora import LoraError
-    from lorakit.model import ModelLoadError
-    from lorakit.evaluation import EvalError
-    from lorakit.merge import MergeError
-    from lorakit.train import TrainingError
+def _handled(command: Callable) -> Callable:
+    """Run a command, turning every failure into a message and an exit code (never a traceback)."""
 
-    return (ResumeError, DataError, EvalError, LoraError, MergeError, ModelLoadError, TrainingError)
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except LorakitError as e:
+            fail_message(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except ValueError as e:
+            if type(e).__name__ != "ValidationError":  # pydantic's: a value the user gave
+                return _unexpected(e)
+            lines = [f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors()]
+            fail_message("invalid input:\n  - " + "\n  - ".join(lines))
+            raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt:
+            fail_message("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:  # a disk that is full, a file that vanished, no permission
+            fail_message(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+            raise typer.Exit(EXIT_FAILURE) from None
+        except Exception as e:  # noqa: BLE001 — the last line of defence: a message, not a traceback
+            return _unexpected(e)
+
+    return run
 
 
-def _fail(message: str, code: int) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def _unexpected(error: Exception) -> None:
+    if os.environ.get("LORAKIT_DEBUG"):
+        raise error
+    fail_message(f"unexpected {type(error).__name__}: {error}. This is a lorakit bug or an input it does not "
+                 "check yet; rerun with LORAKIT_DEBUG=1 for the traceback and report it")
+    raise typer.Exit(EXIT_FAILURE) from None
 
 
 def _load(config: Path, overrides: list[str]):
-    try:
-        return load_config(config, overrides)
-    except ConfigError as e:
-        _fail(str(e), 2)
+    from lorakit.config import load_config
+
+    return load_config(config, overrides)
 
 
 @app.command()
+@_handled
 def train(
     config: Path = CONFIG_ARG,
     overrides: list[str] = SET_OPT,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds an earlier run."),
     num_processes: int = typer.Option(1, "--num-processes", min=1, help="Train data-parallel (DDP) on N processes "
                                       "(N GPUs, or N CPU processes on a machine without GPUs), through Accelerate."),
@@ -92,68 +142,56 @@ def train(
     """
     cfg = _load(config, overrides)
     if (num_processes > 1 or accelerate_config) and "LOCAL_RANK" not in os.environ:
-        from lorakit.launch import LaunchError, launch
+        from lorakit.launch import launch
 
         args = [str(config), *(f"--set={o}" for o in overrides), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else [])]
-        try:
-            raise typer.Exit(launch(num_processes, args, str(accelerate_config) if accelerate_config else None))
-        except LaunchError as e:
-            _fail(str(e), 2)
+        raise typer.Exit(launch(num_processes, args, str(accelerate_config) if accelerate_config else None))
     _quiet_libraries()
-    from lorakit.train import TrainingInterrupted
     from lorakit.train import train as run
 
     try:
         result = run(cfg, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
-        _fail(f"{e}. Continue with: lorakit train {config} --resume", 130)
-    except _user_errors() as e:
-        _fail(str(e), 1)
+        raise TrainingInterrupted(f"{e}. Continue with: lorakit train {config} --resume") from None
     if result.main_process:
-        console.print(f"adapter written to [bold]{result.adapter_dir}[/]")
+        note("adapter written to", result.adapter_dir)
 
 
 @app.command()
+@_handled
 def merge(
     adapters: list[Path] = typer.Argument(..., help="Adapter directories (several are combined, see --weights)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the merged checkpoint."),
     base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
-    dtype: str = typer.Option("float32", help="Saved dtype: float32, bfloat16 or float16."),
-    into: str = typer.Option("dequantized", help="QLoRA adapters: merge into the 'dequantized' 4-bit weights "
-                             "they were trained against, or the original 'full-precision' ones."),
+    dtype: Dtype = typer.Option(Dtype.float32, help="Saved dtype."),
+    into: Into = typer.Option(Into.dequantized, help="QLoRA adapters: merge into the 'dequantized' 4-bit weights "
+                              "they were trained against, or the original 'full-precision' ones."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight per adapter, e.g. 0.7,0.3."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Fold adapters into the base model and write a checkpoint plain transformers loads.
 
     The result is verified before it is kept: it is reloaded and its logits are compared
     with the adapter-on-base model on sample inputs.
     """
-    _quiet_libraries()
-    from lorakit.merge import merge_adapters
-
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
-        _fail(f"--weights {weights!r}: expected numbers separated by commas, e.g. 0.7,0.3", 2)
-    try:
-        report = merge_adapters(adapters, output, base, dtype, into, parsed, force)
-    except _user_errors() as e:
-        _fail(str(e), 1)
-    if report.into:
-        other = "full-precision" if report.into == "dequantized" else "dequantized"
-        console.print(f"QLoRA adapter merged into the {report.into} base weights; merging into the {other} "
-                      f"ones instead would move logits by up to {report.into_other_diff:.4g}")
-    console.print(f"verified: max |logit difference| {report.max_abs_diff:.3g} "
-                  f"(tolerance {report.tolerance:.3g} for {report.dtype})")
-    console.print(f"merged model written to [bold]{report.output}[/]")
+        raise InputError(f"--weights {weights!r}: expected numbers separated by commas, e.g. 0.7,0.3") from None
+    _quiet_libraries()
+    from lorakit.merge import merge_adapters
+    from lorakit.report import merge_summary
+
+    merge_summary(merge_adapters(adapters, output, base, dtype.value, into.value, parsed, force, trust_remote_code))
 
 
 @app.command("eval")
+@_handled
 def eval_command(
-    target: str = typer.Argument(..., help="An adapter directory or a model (merged directory, checkpoint, 'default')."),
-    metric: list[str] = typer.Option(["rouge"], "--metric", "-m", help="rouge, bleu, exact_match or perplexity; repeatable."),
+    target: str = TARGET_ARG,
+    metric: list[Metric] = typer.Option([Metric.rouge], "--metric", "-m", help="What to score; repeatable."),
     data: Optional[str] = typer.Option(None, help="Rows to score (default: the training config's validation file)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N rows."),
     max_new_tokens: int = typer.Option(64, min=1, help="Generation length limit."),
@@ -161,6 +199,7 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, help="Where metrics.json and predictions.jsonl go (default: TARGET/eval)."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model and show the gain."),
     base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
+    trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Generate greedily on held-out rows and score the outputs, offline.
 
@@ -168,64 +207,55 @@ def eval_command(
     to each other.
     """
     _quiet_libraries()
-    from rich.table import Table
-
     from lorakit.evaluation import resolve_target, run_eval
+    from lorakit.report import eval_table
 
-    try:
-        resolved = resolve_target(target, base)
-        out = output or (Path(target) / "eval" if Path(target).is_dir() else Path("eval"))
-        results = run_eval(resolved, metric, data, limit, max_new_tokens, batch_size, out, compare_base)
-    except _user_errors() as e:
-        _fail(str(e), 1)
-    table = Table(title=f"lorakit eval: {target}")
-    columns = [c for c in ("base", "model", "gain") if c in results]
-    table.add_column("metric")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for key in results["model"]:
-        table.add_row(key, *(f"{results[c][key]:+.4f}" if c == "gain" else f"{results[c][key]:.4f}" for c in columns))
-    console.print(table)
-    console.print(f"scores and predictions written to [bold]{out}[/]")
+    out = output or (Path(target) / "eval" if Path(target).is_dir() else Path("eval"))
+    results = run_eval(resolve_target(target, base, trust_remote_code), [m.value for m in metric], data, limit, max_new_tokens,
+                       batch_size, out, compare_base)
+    eval_table(target, results)
+    note("scores and predictions written to", out)
 
 
 @app.command()
+@_handled
 def generate(
-    target: str = typer.Argument(..., help="An adapter directory or a model (merged directory, checkpoint, 'default')."),
+    target: str = TARGET_ARG,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeatable. Without it, prompts are "
                                      "read from stdin, one per line (':use NAME' switches adapter)."),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: load another adapter onto the same base."),
     use: Optional[str] = typer.Option(None, help="Which adapter answers (default: TARGET's, else the first)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Generation length limit."),
+    trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Answer prompts with a fine-tuned model, formatted as in training.
 
     Several adapters can share one base: load them with --adapter NAME=DIR and switch with
     --use NAME, or with a ':use NAME' line on stdin, without reloading the base.
     """
+    named = {}
+    for item in adapter:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise InputError(f"--adapter expects NAME=DIR, got {item!r}")
+        named[name] = directory
     _quiet_libraries()
-    import sys
-
     from lorakit.evaluation import Switcher
 
-    try:
-        named = dict(item.split("=", 1) for item in adapter)
-    except ValueError:
-        _fail(f"--adapter expects NAME=DIR, got {adapter}", 2)
-    try:
-        switcher = Switcher(target, named, use)
-        lines = prompt or (line.rstrip("\n") for line in sys.stdin)
-        for line in lines:
-            if line.startswith(":use "):
+    switcher = Switcher(target, named, use, trust_remote_code)
+    for line in prompt or (line.rstrip("\n") for line in sys.stdin):
+        if line.startswith(":use "):
+            try:  # a typo in an interactive session must not end it
                 switcher.use(line[5:].strip())
-                console.print(f"[dim]using adapter {switcher.active}[/]")
-            elif line.strip():
-                typer.echo(switcher.answer(line, max_new_tokens))
-    except _user_errors() as e:
-        _fail(str(e), 1)
+                note("using adapter", switcher.active)
+            except InputError as e:
+                fail_message(str(e))
+        elif line.strip():
+            typer.echo(switcher.answer(line, max_new_tokens))
 
 
 @app.command()
+@_handled
 def sweep(
     config: Path = CONFIG_ARG,
     grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid lora.r=4,8,16 --grid "
@@ -233,8 +263,8 @@ def sweep(
     overrides: list[str] = SET_OPT,
     full_finetune: bool = typer.Option(False, "--full-finetune", help="Add full fine-tuning as a reference point."),
     full_lr: float = typer.Option(2e-5, help="Learning rate of the full fine-tuning point."),
-    metric: list[str] = typer.Option([], "--metric", "-m", help="Also score each point: rouge, bleu, exact_match, "
-                                     "perplexity (validation loss is always reported)."),
+    metric: list[Metric] = typer.Option([], "--metric", "-m", help="Also score each point (validation loss is "
+                                        "always reported); repeatable."),
     limit: Optional[int] = typer.Option(None, min=1, help="Score on the first N validation rows."),
     max_new_tokens: int = typer.Option(32, min=1, help="Generation length for scored metrics."),
 ) -> None:
@@ -246,30 +276,17 @@ def sweep(
     """
     cfg = _load(config, overrides)
     _quiet_libraries()
-    from rich.table import Table
-
+    from lorakit.report import sweep_table
     from lorakit.sweep import plot_sweep, run_sweep
 
-    try:
-        rows = run_sweep(config, overrides, grid, full_finetune, full_lr, metric, limit, max_new_tokens)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    except _user_errors() as e:
-        _fail(str(e), 1)
-    scores = [k for k in rows[0] if k not in ("point", "overrides", "trainable", "seconds")]
-    table = Table(title="lorakit sweep")
-    for column in ("point", "trainable", "seconds", *scores):
-        table.add_column(column, justify="left" if column == "point" else "right")
-    for row in rows:
-        table.add_row(row["point"], f"{row['trainable']:,}", f"{row['seconds']:.0f}",
-                      *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else "-" for k in scores))
-    console.print(table)
+    rows = run_sweep(config, overrides, grid, full_finetune, full_lr, [m.value for m in metric], limit, max_new_tokens)
     root = Path(cfg.training.output_dir) / "sweep"
-    score = "rouge1" if "rouge1" in scores else "val_loss"
-    console.print(f"results in {root / 'sweep.json'}, plot in {plot_sweep(rows, score, root / 'sweep.png')}")
+    sweep_table(rows, root / "sweep.json", plot_sweep(rows, "rouge1" if "rouge1" in rows[0] else "val_loss",
+                                                      root / "sweep.png"))
 
 
 @app.command()
+@_handled
 def targets(
     model: str = typer.Argument("default", help="'default', a local checkpoint directory, a .gguf file or a hub id."),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", "-t", help="A spec to try: names or "
@@ -281,36 +298,14 @@ def targets(
     Reads only the model's config: no weights are loaded.
     """
     _quiet_libraries()
-    from rich.table import Table
+    from lorakit.report import targets_table
+    from lorakit.targets import describe_targets
 
-    from lorakit.inject import LoraConfig
-    from lorakit.targets import layers, parse_spec, plan_targets, skeleton
-
-    try:
-        tree = skeleton(model)
-        found = layers(tree)
-        table = Table(title=f"{type(tree).__name__}: linear layers by role")
-        for column in ("role", "layers", "name (last part)", "shape in → out", "parameters"):
-            table.add_column(column)
-        for role in dict.fromkeys(layer.role for layer in found):
-            group = [layer for layer in found if layer.role == role]
-            shapes = sorted({(l.d_in, l.d_out) for l in group})
-            table.add_row(role, str(len(group)), ", ".join(sorted({l.name.rsplit(".", 1)[-1] for l in group})),
-                          ", ".join(f"{a} → {b}" for a, b in shapes), f"{sum(l.params for l in group):,}")
-        console.print(table)
-        if target_modules:
-            config = LoraConfig(r=r, target_modules=parse_spec(target_modules))
-            chosen, added, total = plan_targets(tree, config)
-            sliced = sum(1 for roles in chosen.values() if roles)
-            console.print(f"target_modules {config.target_modules!r} adapts {len(chosen)} layers"
-                          + (f" ({sliced} of them on fused-qkv slices)" if sliced else "")
-                          + f", e.g. {next(iter(chosen))}; at r={r} it adds {added:,} trainable parameters, "
-                          f"{100 * added / total:.3f}% of the model's {total:,}")
-    except _user_errors() as e:
-        _fail(str(e), 1)
+    targets_table(describe_targets(model, target_modules, r))
 
 
 @app.command()
+@_handled
 def plan(
     config: Path = CONFIG_ARG,
     overrides: list[str] = SET_OPT,
@@ -330,22 +325,20 @@ def plan(
     from lorakit.plan import make_plan
     from lorakit.report import plan_tables
 
-    try:
-        result = make_plan(cfg, num_processes)
-        measured = None
-        if measure:
-            console.print(f"measuring {measure} training step(s)...")
-            console.quiet = True  # the short run's own tables would bury the plan
-            try:
-                measured = (measure, measure_peak(cfg, measure))
-            finally:
-                console.quiet = False
-    except _user_errors() as e:
-        _fail(str(e), 1)
+    result = make_plan(cfg, num_processes)
+    measured = None
+    if measure:
+        console.print(f"measuring {measure} training step(s)...")
+        console.quiet = True  # the short run's own tables would bury the plan
+        try:
+            measured = (measure, measure_peak(cfg, measure))
+        finally:
+            console.quiet = False
     plan_tables(result, cfg, num_processes, measured)
 
 
 @app.command("inspect")
+@_handled
 def inspect_command(
     adapter: Path = typer.Argument(..., help="An adapter directory (lorakit's or PEFT's)."),
     base: Optional[str] = typer.Option(None, help="Check the adapter against this base model (config only)."),
@@ -357,40 +350,21 @@ def inspect_command(
     from the thin factors) and its effective rank at 90% and 99% of the update energy.
     """
     _quiet_libraries()
-    from rich.table import Table
-
     from lorakit.adapter_report import inspect_adapter, plot_report
+    from lorakit.report import inspect_tables
 
-    try:
-        tree = None
-        if base:
-            from lorakit.targets import skeleton
-
-            tree = skeleton(base)
-        report = inspect_adapter(adapter, tree)
-    except _user_errors() as e:
-        _fail(str(e), 1)
-    console.print(f"[bold]{adapter}[/]: " + ", ".join(f"{name} ({size:,} B)" for name, size in report.files.items()))
-    console.print(f"r={report.r}, alpha={report.alpha:g}, scaling={report.scaling:g}; {report.n_tensors} tensors, "
-                  f"{report.n_params:,} parameters, dtype {', '.join(report.dtypes)}")
-    table = Table(title="updates ΔW = scaling·B·A")
-    for column in ("layer", "r", "shape", "‖ΔW‖", "top singular values", "rank@90%", "rank@99%"):
-        table.add_column(column)
-    for m in report.modules:
-        top = ", ".join(f"{v:.3g}" for v in m.singular_values[:4])
-        table.add_row(m.name, str(m.r), f"{m.shape[0]}×{m.shape[1]}", f"{m.norm:.4g}", top, str(m.rank90), str(m.rank99))
-    console.print(table)
-    console.print(f"most layers keep 90% of their update energy within rank {report.recommended_rank} "
-                  f"(trained at r={report.r})")
+    report = inspect_adapter(adapter, base)
+    inspect_tables(adapter, report)
     if plot:
-        console.print(f"plot written to {plot_report(report, plot)}")
+        note("plot written to", plot_report(report, plot))
     if base:
         if report.problems:
-            _fail(f"the adapter does not fit {base}:\n  - " + "\n  - ".join(report.problems), 1)
-        console.print(f"fits {base}: every tensor matches a LoRA target, with the right shape")
+            raise InputError(f"the adapter does not fit {base}:\n  - " + "\n  - ".join(report.problems))
+        note("fits", base, "every tensor matches a LoRA target, with the right shape")
 
 
 @data_app.command("preview")
+@_handled
 def data_preview(
     config: Path = CONFIG_ARG,
     overrides: list[str] = SET_OPT,
@@ -403,34 +377,23 @@ def data_preview(
     """
     cfg = _load(config, overrides)
     _quiet_libraries()
-    from rich.text import Text
-
-    from lorakit.data import data_report, length_summary
+    from lorakit.data import data_report
     from lorakit.model import load_tokenizer
+    from lorakit.report import data_preview_tables
 
-    try:
-        tokenizer = load_tokenizer(cfg.model)
-        report = data_report(cfg.data, tokenizer)
-    except _user_errors() as e:
-        _fail(str(e), 1)
-    for i, example in enumerate(report.examples[:n]):
-        text = Text(f"--- example {i} ---\n", style="bold")
-        for token, label in zip(example["input_ids"], example["labels"]):
-            text.append(tokenizer.decode([token]), style="bold green" if label != -100 else "dim")
-        console.print(text)
-    console.print("[bold green]green[/] tokens carry loss; [dim]dim[/] ones are context only")
-    console.print(f"{report.rows} rows; {100 * report.trained_share:.1f}% of tokens carry loss; "
-                  + length_summary(report.lengths, cfg.data.max_length)
-                  + f"; {report.over_max_length} rows are cut at max_length")
-    for warning in report.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+    tokenizer = load_tokenizer(cfg.model)
+    data_preview_tables(data_report(cfg.data, tokenizer), tokenizer, cfg.data.max_length, n)
 
 
 @config_app.command("show")
+@_handled
 def config_show(config: Path = CONFIG_ARG, overrides: list[str] = SET_OPT) -> None:
     """Print CONFIG fully resolved: every key, with defaults filled in and overrides applied."""
-    cfg = _load(config, overrides)
-    typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    import yaml
+
+    from lorakit.config import config_to_dict
+
+    typer.echo(yaml.safe_dump(config_to_dict(_load(config, overrides)), sort_keys=False).rstrip())
 
 
 def main(argv: Optional[list[str]] = None) -> None:

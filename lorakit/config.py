@@ -9,26 +9,176 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
-from lorakit.inject import LoraConfig
+from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "default"
 # Written beside every adapter (and merged model) so later commands reuse the run's settings.
 SAVED_CONFIG = "training_config.yaml"
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; ``problems`` holds one line per key."""
+@dataclass(config=ConfigDict(extra="forbid"))
+class LoraConfig:
+    """What to adapt and how.
 
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source, self.problems = source, problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n{lines}")
+    Args:
+        r: rank of each update; higher = more capacity and more memory.
+        alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout on the adapter input during training; 0 costs nothing.
+        target_modules: a list of module names (exact, or a ``.suffix`` of the path) and
+            attention roles ``q``/``k``/``v``/``o`` resolved per architecture (slices of
+            fused qkv layers included), or one string: ``all-linear`` (every linear layer
+            but the output head) or a regular expression matched against full paths.
+        bias: ``none``, ``all`` (train every bias) or ``lora_only`` (biases of adapted layers).
+        use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
+        init: ``kaiming`` (uniform, PEFT's default) or ``gaussian`` for A; B is always zero.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. ``lm_head``).
+        layers: only adapt modules of these block indices (``model.layers.<i>``).
+        layers_pattern: the name of the block list that ``layers`` indexes (``layers``, ``h``);
+            default: the first numbered part of the path.
+        exclude_modules: never adapt these (names or ``.suffix`` of the path, or one regex).
+        rank_pattern: per-module rank, ``{regex matching the end of the path: r}`` (PEFT's rule).
+        alpha_pattern: per-module alpha, the same way.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    modules_to_save: list[str] | None = None
+    layers: list[int] | None = None
+    layers_pattern: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, r: int) -> int:
+        if r <= 0:
+            raise ValueError("must be > 0")
+        return r
+
+    @field_validator("alpha")
+    @classmethod
+    def _positive_alpha(cls, alpha: float) -> float:
+        if alpha <= 0:
+            raise ValueError("must be > 0")
+        return alpha
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, p: float) -> float:
+        if not 0 <= p < 1:
+            raise ValueError("must be in [0, 1)")
+        return p
+
+    @field_validator("target_modules")
+    @classmethod
+    def _valid_targets(cls, spec: list[str] | str) -> list[str] | str:
+        if not spec:
+            raise ValueError("must name at least one module")
+        if isinstance(spec, str) and spec != "all-linear":
+            check_regex(spec)
+        return spec
+
+    @field_validator("exclude_modules")
+    @classmethod
+    def _valid_excludes(cls, spec: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(spec, str):
+            check_regex(spec)
+        return spec
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _valid_patterns(cls, pattern: dict | None) -> dict | None:
+        for key, value in (pattern or {}).items():
+            check_regex(key)
+            if not value > 0:
+                raise ValueError(f"{key!r}: {value!r} must be > 0")
+        return pattern
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of the fields."""
+        return asdict(self)
+
+
+def _has_branch(parsed, c) -> bool:
+    for op, arg in parsed:
+        if op == c.BRANCH:
+            return True
+        nodes = arg if isinstance(arg, (list, tuple)) else ()
+        for node in nodes:
+            if hasattr(node, "data") or isinstance(node, list):
+                if _has_branch(node, c):
+                    return True
+    return False
+
+
+def _unbounded_repeats(parsed) -> tuple[int, bool]:
+    """(how many unbounded repeats, whether one of them nests a repeat or an alternation)."""
+    from re import _constants as c  # the parser's own opcodes
+
+    count, nested = 0, False
+    for op, arg in parsed:
+        children = []
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            low, high, sub = arg
+            inner, inner_nested = _unbounded_repeats(sub)
+            risky = inner > 0 or _has_branch(sub, c)
+            if high == c.MAXREPEAT:
+                count += 1
+                nested = nested or risky or inner_nested
+            count, nested = count + inner, nested or inner_nested
+            continue
+        if op == c.SUBPATTERN:
+            children = [arg[-1]]
+        elif op == c.BRANCH:
+            children = arg[1]
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            children = [arg[1]]
+        elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+            nested = True  # backreferences can backtrack without bound
+        for child in children:
+            n, bad = _unbounded_repeats(child)
+            count, nested = count + n, nested or bad
+    return count, nested
+
+
+def check_regex(pattern: str) -> str:
+    """``pattern`` if it is a valid regex that matches module paths in bounded time.
+
+    Patterns may come from downloaded adapter files, and Python's regex engine can take
+    exponential time on nested repeats (``(a+)+``) or backreferences: those, and more
+    than three unbounded repeats, are refused.
+
+    Raises:
+        ValueError: naming what is wrong with the pattern.
+    """
+    from re import _parser
+
+    if len(pattern) > 1000:
+        raise ValueError(f"regular expression of {len(pattern)} characters: at most 1000")
+    try:
+        parsed = _parser.parse(pattern)
+    except re.error as e:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {e}") from None
+    count, nested = _unbounded_repeats(parsed)
+    if nested or count > 3:
+        raise ValueError(f"{pattern!r}: nested or many unbounded repeats (or backreferences) can make matching "
+                         "take practically forever; simplify the regular expression")
+    return pattern
 
 
 class _Section(BaseModel):
@@ -70,6 +220,40 @@ class DataConfig(_Section):
     packing: bool = False
     validation_limit: int | None = Field(None, gt=0)
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _simple_placeholders(cls, template: str) -> str:
+        template_fields(template)
+        return template
+
+
+def template_fields(template: str) -> list[str]:
+    """The row fields a prompt template names, in order.
+
+    Only plain ``{field}`` placeholders are allowed (``{{`` and ``}}`` are literal braces):
+    positional ``{0}``, attribute ``{a.b}`` and index ``{a[0]}`` access are refused, so a
+    template can read a row's fields and nothing else.
+
+    Raises:
+        ValueError: naming the bad placeholder.
+    """
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"{e} (write {{{{ and }}}} for literal braces)") from None
+    names = []
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            raise ValueError(f"placeholder {{{name}}} is not a field name: use {{field}} with a column of the data")
+        if spec and "{" in spec:
+            raise ValueError(f"placeholder {{{name}:{spec}}} nests another placeholder")
+        names.append(name)
+    return names
+
 
 class TrainingConfig(_Section):
     """The optimization loop, checkpoints and logging."""
@@ -100,7 +284,8 @@ class TrainingConfig(_Section):
 
 
 class Config(_Section):
-    """A whole training run: ``model``, ``lora``, ``data``, ``training``.
+    """A whole training run: ``model``, ``lora``, ``data``, ``training``; ``source`` names
+    the file it came from, for messages.
 
     ``method: full`` trains every weight instead of adapters (the reference LoRA is
     measured against); the ``lora`` section is then ignored.
@@ -108,9 +293,14 @@ class Config(_Section):
 
     method: Literal["lora", "full"] = "lora"
     model: ModelConfig = ModelConfig()
+    _source: str = PrivateAttr("the config")
     lora: LoraConfig = LoraConfig()
     data: DataConfig
     training: TrainingConfig
+
+    @property
+    def source(self) -> str:
+        return self._source
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
@@ -176,21 +366,63 @@ def _describe(error: dict, raw: dict) -> str:
     return f"{path}: {message}{shown}"
 
 
-def _file_problems(config: Config) -> list[str]:
-    """Data files that do not exist, checked before any model loads."""
+# Extensions of files lorakit reads; a name with one of them is a path, not a hub id.
+_FILE_EXTENSIONS = {".json", ".jsonl", ".csv", ".parquet", ".gguf", ".yaml", ".yml", ".safetensors", ".bin",
+                    ".pt", ".txt", ".arrow"}
+
+
+def looks_local(name: str) -> bool:
+    """True when ``name`` can only mean a local path: ``./x``, ``../x``, ``/x``, ``~/x``, a
+    name with a file extension, more than one ``/``, or one whose parent directory exists.
+    Anything else may be a hub id (``org/name``), for users with a network."""
+    path = Path(name).expanduser()
+    return (
+        name.startswith((".", "/", "~"))
+        or path.suffix.lower() in _FILE_EXTENSIONS
+        or name.count("/") > 1
+        or ("/" in name and path.parent.is_dir() and str(path.parent) not in (".", ""))
+    )
+
+
+def missing_path(name: str) -> str | None:
+    """``"no such file or directory: NAME"`` for a local-looking path that does not exist."""
+    if name and looks_local(name) and not Path(name).expanduser().exists():
+        return f"no such file or directory: {name!r} (from {os.getcwd()})"
+    return None
+
+
+def _raw_section(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _file_problems(raw: dict) -> list[str]:
+    """Paths that do not exist, checked from the raw config so they are reported together
+    with every other problem, before any model loads."""
     problems = []
+    data = _raw_section(raw, "data")
     for key in ("train", "validation"):
-        value = getattr(config.data, key)
-        if value is None:
-            continue
-        looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in {
-            ".json", ".jsonl", ".csv", ".parquet"
-        }
-        if looks_local and not Path(value).expanduser().is_file():
-            problems.append(f"data.{key}: file {value!r} not found (from {os.getcwd()})")
-    name = config.model.name_or_path
-    if name != DEFAULT_MODEL and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        problems.append(f"model.name_or_path: {name!r} does not exist")
+        value = data.get(key)
+        if isinstance(value, str) and (problem := missing_path(value)):
+            problems.append(f"data.{key}: {problem}")
+        elif isinstance(value, str) and looks_local(value) and Path(value).expanduser().is_dir():
+            problems.append(f"data.{key}: {value!r} is a directory; name a .jsonl, .json, .csv or .parquet file")
+    name = _raw_section(raw, "model").get("name_or_path")
+    if isinstance(name, str) and name != DEFAULT_MODEL and (problem := missing_path(name)):
+        problems.append(f"model.name_or_path: {problem}")
+    return problems
+
+
+def _cross_problems(raw: dict, config: Config) -> list[str]:
+    """Settings that are each valid but contradict one another."""
+    problems = []
+    if config.method == "full":
+        if "lora" in raw:
+            problems.append("lora: set, but method: full trains every weight and uses no adapters; "
+                            "remove the lora section or use method: lora")
+        if config.model.quantization is not None:
+            problems.append("model.quantization: full fine-tuning cannot train quantized weights; "
+                            "remove it or use method: lora (QLoRA)")
     return problems
 
 
@@ -198,13 +430,17 @@ def validate_config(raw: dict, source: str) -> Config:
     """Turn a raw dict into a ``Config``, or raise ``ConfigError`` listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    if "lora" in raw and raw["lora"] is None:  # `lora: null` (or --set lora=null): no lora section
+        raw = {k: v for k, v in raw.items() if k != "lora"}
+    problems = _file_problems(raw)
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(source, [_describe(err, raw) for err in e.errors()]) from None
-    problems = _file_problems(config)
+        raise ConfigError(source, [_describe(err, raw) for err in e.errors()] + problems) from None
+    problems += _cross_problems(raw, config)
     if problems:
         raise ConfigError(source, problems)
+    config._source = source
     return config
 
 
@@ -220,18 +456,58 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         ConfigError: for an unreadable file, bad YAML or any invalid value, listing all.
     """
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(source, [f"cannot read the config file: {e.strerror}"]) from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(source, [f"not valid YAML: {e}"]) from None
+    raw = read_yaml(path, source)
+    if raw is None:
+        raw = {}
     for key, value in parse_overrides(overrides or []):
         if isinstance(raw, dict):
             _set_dotted(raw, key, value, source)
     return validate_config(raw, source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first on line {seen[key] + 1}); YAML would "
+                    "silently keep only the second", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike, source: str | None = None) -> Any:
+    """A YAML file parsed safely (no Python objects) and strictly (no duplicate keys).
+
+    Raises:
+        ConfigError: an unreadable, binary or invalid file, naming the line.
+    """
+    source = source or str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read the config file: {e.strerror or e}"]) from None
+    if b"\0" in data:
+        raise ConfigError(source, ["not a text file (it holds NUL bytes): expected YAML"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text (byte {e.start + 1} is invalid): expected YAML"]) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}not valid YAML: {e.problem or e.context}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [f"not valid YAML: {e}"]) from None
 
 
 def config_to_dict(config: Config) -> dict:
@@ -242,4 +518,9 @@ def config_to_dict(config: Config) -> dict:
 def read_saved_config(directory: str | os.PathLike) -> dict:
     """The training config saved in an adapter or merged-model directory ({} if none)."""
     path = Path(directory) / SAVED_CONFIG
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    saved = read_yaml(path)
+    if not isinstance(saved, dict):
+        raise ConfigError(str(path), [f"expected a mapping of sections, got {type(saved).__name__}"])
+    return saved

@@ -8,14 +8,16 @@ stop). Everything else is labelled -100.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 
-from lorakit.config import DataConfig
+from lorakit.config import DataConfig, TrainingConfig, looks_local, template_fields
+from lorakit.errors import DataError
 
 logger = logging.getLogger("lorakit")
 
@@ -25,32 +27,146 @@ ALPACA = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 )
-_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_LOADERS = {".json", ".jsonl", ".csv", ".parquet"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-class DataError(ValueError):
-    """Data that cannot be turned into training examples."""
+@dataclass
+class Rows:
+    """A data file's rows, each with where it came from (``file, line 3``) for messages."""
+
+    rows: list[dict]
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def head(self, limit: int | None) -> Rows:
+        """The first ``limit`` rows (all of them for ``None``)."""
+        return Rows(self.rows[:limit], self.where[:limit])
 
 
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
-    """A local json/jsonl/csv/parquet file, or a hub dataset's ``split`` for users online."""
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{source}, line {line}: not UTF-8 text (byte {e.start + 1} is invalid)") from None
+
+
+def _json_rows(text: str, source: str, lines_only: bool) -> Rows:
+    stripped = text.lstrip()
+    if not lines_only and stripped.startswith("["):  # one JSON array of objects
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        where = [f"{source}, row {i + 1}" for i in range(len(rows))]
+    else:  # JSON Lines
+        rows, where = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+            where.append(f"{source}, line {number}")
+    for row, at in zip(rows, where):
+        if not isinstance(row, dict):
+            raise DataError(f"{at}: expected a JSON object with named fields, got {type(row).__name__}")
+    return Rows(rows, where)
+
+
+def _csv_rows(text: str, source: str) -> Rows:
+    import csv
+    import io
+
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise DataError(f"{source}: not valid CSV ({e})") from None
+    # The header is line 1; a row's line is its index + 2 when no field spans lines.
+    return Rows([{k: v for k, v in row.items() if k is not None} for row in rows],
+                [f"{source}, row {i + 1}" for i in range(len(rows))])
+
+
+def _parquet_rows(path: Path, source: str) -> Rows:
+    try:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 — pyarrow raises many kinds for a damaged file
+        raise DataError(f"{source}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    return Rows(rows, [f"{source}, row {i + 1}" for i in range(len(rows))])
+
+
+def load_rows(source: str, split: str = "train") -> Rows:
+    """The rows of a local .jsonl/.json/.csv/.parquet file, or a hub dataset's ``split``
+    for users with a network.
+
+    Raises:
+        DataError: a missing, empty, undecodable or malformed file, naming the file and
+            the 1-based line or row.
+    """
     path = Path(source).expanduser()
-    if path.suffix in _LOADERS:
+    kind = path.suffix.lower()
+    if kind in _LOADERS or looks_local(source):
         if not path.is_file():
-            raise DataError(f"data file {source} not found")
-        return datasets.load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
-    return datasets.load_dataset(source, split=split)
+            raise DataError(f"{source}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+        if kind not in _LOADERS:
+            raise DataError(f"{source}: unknown data file type {kind or '(none)'}; use .jsonl, .json, .csv or .parquet")
+        if kind == ".parquet":
+            rows = _parquet_rows(path, source)
+        else:
+            try:
+                text = _decode(path.read_bytes(), source)
+            except OSError as e:
+                raise DataError(f"{source}: cannot read it ({e.strerror})") from None
+            rows = _csv_rows(text, source) if kind == ".csv" else _json_rows(text, source, kind == ".jsonl")
+    else:
+        try:
+            import datasets
+
+            rows = list(datasets.load_dataset(source, split=split))
+        except Exception as e:  # noqa: BLE001 — offline, unknown name, missing split: all the user's to fix
+            raise DataError(f"{source}: cannot load it as a local file or a hub dataset ({type(e).__name__}: {e})") from None
+        rows = Rows(rows, [f"{source}, row {i + 1}" for i in range(len(rows))])
+    if not rows.rows:
+        raise DataError(f"{source}: the file holds no rows")
+    return rows
 
 
 def _present(row: dict) -> str:
     # datasets fills a column missing from some rows with None
-    return ", ".join(k for k, v in row.items() if v is not None)
+    return ", ".join(str(k) for k, v in row.items() if v is not None)
 
 
-def _field(row: dict, name: str, index: int, source: str) -> str:
-    if row.get(name) is None:
-        raise DataError(f"{source}, row {index}: no field {name!r} (the row has {_present(row)})")
-    return str(row[name])
+def row_field(row: dict, name: str, where: str) -> str:
+    """The text of field ``name`` of ``row``, or a DataError naming the row and the fields it has."""
+    value = row.get(name)
+    if value is None:
+        raise DataError(f"{where}: no field {name!r} (the row has {_present(row) or 'no fields'})")
+    if isinstance(value, (dict, list)):
+        raise DataError(f"{where}: field {name!r} holds a {type(value).__name__}, not text")
+    return str(value)
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    """Chat turns as the template needs them: known roles, text content, an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: format 'chat' needs a non-empty 'messages' list")
+    for turn, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: message {turn} is a {type(message).__name__}, not an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: message {turn} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {turn} ({role}) has no text 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to train on")
+    return messages
 
 
 def _chat(tokenizer, messages: list[dict], **kw) -> str:
@@ -71,37 +187,39 @@ def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     return [s for s in segments if s[0]]
 
 
-def render(row: dict, cfg: DataConfig, tokenizer, index: int = 0, source: str = "data") -> list[tuple[str, bool]]:
+def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[tuple[str, bool]]:
     """One row as ``(text, trained)`` segments, per ``cfg.format``.
 
+    Args:
+        where: the row's place for messages, e.g. ``train.jsonl, line 3``.
+
     Raises:
-        DataError: naming the row and the missing field.
+        DataError: naming the row and what is wrong with it.
     """
     eos = tokenizer.eos_token or ""
     if cfg.format == "text":
-        return [(_field(row, cfg.text_field, index, source) + eos, True)]
+        return [(row_field(row, cfg.text_field, where) + eos, True)]
     if cfg.format == "chat":
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{source}, row {index}: format 'chat' needs a non-empty 'messages' list")
-        return _chat_segments(tokenizer, messages)
+        return _chat_segments(tokenizer, _check_messages(row.get("messages"), where))
     if cfg.format == "alpaca":
         extra = row.get("input") or ""
         prompt = ALPACA.format(
             ctx=", paired with an input that provides further context" if extra else "",
-            instruction=_field(row, "instruction", index, source),
+            instruction=row_field(row, "instruction", where),
             input=f"### Input:\n{extra}\n\n" if extra else "",
         )
-        completion = _field(row, "output", index, source)
+        completion = row_field(row, "output", where)
     else:
+        names = template_fields(cfg.prompt_template)
+        missing = [name for name in names if row.get(name) is None]
+        if missing:
+            raise DataError(f"{where}: prompt_template uses field {missing[0]!r}, which the row lacks "
+                            f"(it has {_present(row) or 'no fields'})")
         try:
-            prompt = cfg.prompt_template.format(**{k: v for k, v in row.items() if v is not None})
-        except KeyError as e:
-            raise DataError(
-                f"{source}, row {index}: prompt_template uses field {e.args[0]!r}, "
-                f"which the row lacks (it has {_present(row)})"
-            ) from None
-        completion = _field(row, cfg.completion_field, index, source)
+            prompt = cfg.prompt_template.format(**{name: row_field(row, name, where) for name in names})
+        except ValueError as e:  # a format spec that does not suit text, e.g. {n:.2f}
+            raise DataError(f"{where}: prompt_template cannot be filled from this row: {e}") from None
+        completion = row_field(row, cfg.completion_field, where)
     if cfg.chat_template:
         return _chat_segments(tokenizer, [{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": completion}])
@@ -141,15 +259,12 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     """Tokenize a split and collect the problems that silently ruin runs: an EOS that
     never carries loss, completions cut away by ``max_length``, nothing or everything trained."""
     source = cfg.train if split == "train" else cfg.validation
-    rows = load_rows(source, split)
-    limit = cfg.validation_limit if split == "validation" else None
+    rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
     examples, lengths = [], []
     over = trained = total = 0
     eos_trained = False
-    for index, row in enumerate(rows):
-        if limit is not None and index >= limit:
-            break
-        full = tokenize(render(row, cfg, tokenizer, index, source), tokenizer, 10**9, cfg.train_on_prompt)
+    for row, where in zip(rows.rows, rows.where):
+        full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt)
         lengths.append(len(full["input_ids"]))
         over += len(full["input_ids"]) > cfg.max_length
         example = {k: v[: cfg.max_length] for k, v in full.items()}
@@ -284,6 +399,22 @@ def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed:
         longest = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
         shuffled.insert(0, shuffled.pop(longest))
     return [i for batch in shuffled for i in batch] + [i for b in batches if len(b) < batch_size for i in b]
+
+
+def labelled_targets(example: dict) -> int:
+    """Tokens of ``example`` the loss predicts: labelled positions after the first."""
+    return sum(label != IGNORE for label in example["labels"][1:])
+
+
+def epoch_steps(n_examples: int, t: TrainingConfig, processes: int) -> int:
+    """Optimizer steps in one pass over ``n_examples``: one per effective batch
+    (``batch_size × grad_accum × processes``)."""
+    return max(1, n_examples // (t.batch_size * processes) // t.grad_accum)
+
+
+def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` worth of steps."""
+    return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
 
 
 class BatchOrder:

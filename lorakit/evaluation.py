@@ -15,19 +15,18 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapter_io import CONFIG_NAME, load_adapter
-from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import IGNORE, DataError, collate, load_rows, render, tokenize
+from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
+from pydantic import ValidationError
+
+from lorakit.config import SAVED_CONFIG, DataConfig, ModelConfig, missing_path, read_saved_config
+from lorakit.data import IGNORE, row_field, collate, load_rows, render, tokenize
+from lorakit.errors import DataError, EvalError
 from lorakit.inject import remove_lora
 from lorakit.loss import CausalLMLoss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
 from lorakit.model import adapter_base_config, load_model, load_tokenizer
 
 logger = logging.getLogger("lorakit")
-
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked."""
 
 
 @dataclass
@@ -39,19 +38,35 @@ class Target:
     data: DataConfig | None
 
 
-def resolve_target(path: str, base: str | None = None) -> Target:
+def resolve_target(path: str, base: str | None = None, trust_remote_code: bool = False) -> Target:
     """An adapter directory (its base and data format come from its saved config) or a
-    model (a merged directory, a checkpoint, ``default`` or a hub id)."""
+    model (a merged directory, a checkpoint, ``default`` or a hub id).
+
+    Raises:
+        InputError: a local-looking path that does not exist, or a saved config that is
+            not valid.
+    """
+    problem = missing_path(path)
+    if problem:
+        raise EvalError(problem)
     directory = Path(path)
     saved = read_saved_config(directory) if directory.is_dir() else {}
-    data = DataConfig(**saved["data"]) if saved.get("data") else None
+    try:
+        data = DataConfig(**saved["data"]) if isinstance(saved.get("data"), dict) else None
+    except ValidationError as e:
+        raise EvalError(f"{directory / SAVED_CONFIG}: its data section is not valid: {e.errors()[0]['msg']}") from None
     if (directory / CONFIG_NAME).is_file():
-        model = adapter_base_config(directory, base)
+        model = adapter_base_config(directory, base, trust_remote_code)
         quant = (saved.get("model") or {}).get("quantization")
         if quant and base is None:  # score the model the adapter was trained with: the 4-bit base
-            model = ModelConfig(**{**model.model_dump(), "quantization": quant, "dtype": saved["model"]["dtype"]})
+            try:
+                model = ModelConfig(**{**model.model_dump(), "quantization": quant,
+                                       "dtype": saved["model"].get("dtype", "auto")})
+            except ValidationError as e:
+                raise EvalError(f"{directory / SAVED_CONFIG}: model.quantization is not valid: "
+                                f"{e.errors()[0]['msg']}") from None
         return Target(model, directory, data)
-    return Target(ModelConfig(name_or_path=base or path), None, data)
+    return Target(ModelConfig(name_or_path=base or path, trust_remote_code=trust_remote_code), None, data)
 
 
 @torch.no_grad()
@@ -69,18 +84,16 @@ def evaluate_loss(loss_model: CausalLMLoss, examples: list[dict], batch_size: in
     return total / max(count, 1)
 
 
-def reference_of(row: dict, data: DataConfig) -> str:
+def reference_of(row: dict, data: DataConfig, where: str = "data") -> str:
     """The text the model should produce for ``row``."""
     if data.format == "chat":
         answers = [m["content"] for m in row["messages"] if m.get("role") == "assistant"]
-        if not answers:
-            raise DataError("a chat row without an assistant turn has no reference to score against")
-        return answers[-1]
+        return answers[-1]  # render() has checked there is one
     if data.format == "alpaca":
-        return str(row["output"])
+        return row_field(row, "output", where)
     if data.format == "text":
         raise EvalError("format 'text' has no prompt/answer split: only --metric perplexity applies")
-    return str(row[data.completion_field])
+    return row_field(row, data.completion_field, where)
 
 
 def prompt_of(segments: list[tuple[str, bool]]) -> str:
@@ -148,14 +161,12 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
         raise EvalError("no data to evaluate on: pass --data FILE (the config has no validation split)")
     if target.data is None:
         logger.warning("no saved training config: rendering %s as prompt/completion rows with defaults", source)
-    rows = list(load_rows(source, "validation"))[:limit]
-    if not rows:
-        raise DataError(f"{source}: no rows")
+    rows = load_rows(source, "validation").head(limit)
 
     tokenizer = load_tokenizer(target.model)
     # Render every row first: bad data fails before the model loads.
-    segments = [render(row, data, tokenizer, i, source) for i, row in enumerate(rows)]
-    references = [reference_of(row, data) for row in rows] if set(metrics) & set(GENERATION_METRICS) else []
+    segments = [render(row, data, tokenizer, where) for row, where in zip(rows.rows, rows.where)]
+    references = [reference_of(row, data, where) for row, where in zip(rows.rows, rows.where)] if set(metrics) & set(GENERATION_METRICS) else []
     model = load_model(target.model)
     args = (tokenizer, segments, references, data, metrics, max_new_tokens, batch_size)
     results = {}
@@ -204,10 +215,14 @@ def generation_prompt(text: str, data: DataConfig | None, tokenizer) -> str:
 class Switcher:
     """One base model in memory and several adapters to answer with, switched by name."""
 
-    def __init__(self, target: str, adapters: dict[str, str], use: str | None = None) -> None:
-        main = resolve_target(target)
+    def __init__(self, target: str, adapters: dict[str, str], use: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        main = resolve_target(target, trust_remote_code=trust_remote_code)
         self.adapters = {**({"main": str(main.adapter)} if main.adapter else {}), **adapters}
-        first = resolve_target(next(iter(self.adapters.values()))) if self.adapters else main
+        for name, directory in adapters.items():
+            read_adapter(directory)  # every adapter is checked before the base loads
+        first = resolve_target(next(iter(self.adapters.values())), trust_remote_code=trust_remote_code) \
+            if self.adapters else main
         self.tokenizer = load_tokenizer(first.model)
         self.model = load_model(first.model).eval()
         self.data = main.data

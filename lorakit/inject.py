@@ -9,89 +9,21 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
-from pydantic import ConfigDict, field_validator
-from pydantic.dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.lora import LoraError, LoRALinear, SharedInput, is_4bit
+from lorakit.config import LoraConfig
+from lorakit.errors import LoraError
+from lorakit.lora import LoRALinear, SharedInput, is_4bit
 
 logger = logging.getLogger("lorakit")
 
 ROLES = ("q", "k", "v", "o")
 # Output projection names, tried in order (Llama/Qwen/Phi-3, OPT, GPT-2, GPT-NeoX).
 _OUTPUT_SUFFIXES = ("o_proj", "out_proj", "attn.c_proj", "attention.dense")
-
-
-@dataclass(config=ConfigDict(extra="forbid"))
-class LoraConfig:
-    """What to adapt and how.
-
-    Args:
-        r: rank of each update; higher = more capacity and more memory.
-        alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-        dropout: dropout on the adapter input during training; 0 costs nothing.
-        target_modules: a list of module names (exact, or a ``.suffix`` of the path) and
-            attention roles ``q``/``k``/``v``/``o`` resolved per architecture (slices of
-            fused qkv layers included), or one string: ``all-linear`` (every linear layer
-            but the output head) or a regular expression matched against full paths.
-        bias: ``none``, ``all`` (train every bias) or ``lora_only`` (biases of adapted layers).
-        use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
-        init: ``kaiming`` (uniform, PEFT's default) or ``gaussian`` for A; B is always zero.
-        modules_to_save: modules trained in full and saved with the adapter (e.g. ``lm_head``).
-        layers: only adapt modules of these block indices (``model.layers.<i>``).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    modules_to_save: list[str] | None = None
-    layers: list[int] | None = None
-
-    @field_validator("r")
-    @classmethod
-    def _positive_rank(cls, r: int) -> int:
-        if r <= 0:
-            raise ValueError("must be > 0")
-        return r
-
-    @field_validator("alpha")
-    @classmethod
-    def _positive_alpha(cls, alpha: float) -> float:
-        if alpha <= 0:
-            raise ValueError("must be > 0")
-        return alpha
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout_range(cls, p: float) -> float:
-        if not 0 <= p < 1:
-            raise ValueError("must be in [0, 1)")
-        return p
-
-    @field_validator("target_modules")
-    @classmethod
-    def _valid_targets(cls, spec: list[str] | str) -> list[str] | str:
-        if not spec:
-            raise ValueError("must name at least one module")
-        if isinstance(spec, str) and spec != "all-linear":
-            try:
-                re.compile(spec)
-            except re.error as e:
-                raise ValueError(f"{spec!r} is not a valid regular expression: {e}") from e
-        return spec
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready dict of the fields."""
-        return asdict(self)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -108,10 +40,16 @@ def linear_names(model: nn.Module) -> list[str]:
     return names
 
 
-def block_index(name: str) -> int | None:
-    """The transformer block a module belongs to: the first integer in its path."""
-    match = re.search(r"\.(\d+)(\.|$)", name)
-    return int(match.group(1)) if match else None
+def block_index(name: str, layers_pattern: list[str] | str | None = None) -> int | None:
+    """The transformer block a module belongs to, by PEFT's rule: the number after
+    ``<layers_pattern>.`` or, without a pattern, the first numbered part of the path."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    for pattern in patterns or [None]:
+        regex = r".*?\.[^.]*\.(\d+)\." if pattern is None else rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\."
+        match = re.match(regex, name + ".")
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def _matches(name: str, entry: str) -> bool:
@@ -158,15 +96,20 @@ def _resolve_role(model: nn.Module, role: str, names: list[str]) -> dict[str, li
     return {n: [role] for n in names if _fused_rows(model, n, modules[n]) is not None}
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
+def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> dict[str, list[str]]:
     """The layers ``config`` adapts, as ``{module path: fused slices}``.
 
     The slice list is empty for a whole layer, or names the roles (``q``/``k``/``v``)
     adapted inside a fused qkv layer.
 
+    Args:
+        strict: an entry of a ``target_modules`` list that matches nothing is an error
+            (a typo would otherwise silently adapt fewer layers). PEFT only asks that
+            something matches, so adapters saved by PEFT are read with ``strict=False``.
+
     Raises:
-        LoraError: when the spec, or one entry of it, matches nothing; the message lists
-            the model's linear layers.
+        LoraError: when the spec, or one entry of it, matches nothing, or ``layers``
+            names blocks the model does not have; the message lists what exists.
     """
     names = linear_names(model)
     spec = config.target_modules
@@ -181,12 +124,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[str]]:
         for entry in spec:
             hits = _resolve_role(model, entry, names) if entry in ROLES else {}
             hits = hits or {n: [] for n in names if _matches(n, entry)}
-            if not hits:
+            if not hits and strict:
                 raise LoraError(_no_match_message(model, repr(entry), names))
             for n, roles in hits.items():
                 found[n] = sorted(set(found.get(n, [])) | set(roles), key="qkv".index)
     if config.layers is not None:
-        found = {n: s for n, s in found.items() if block_index(n) in config.layers}
+        present = {block_index(n, config.layers_pattern) for n in names} - {None}
+        missing = sorted(set(config.layers) - present)
+        if missing:
+            shown = f"0-{max(present)}" if present and present == set(range(max(present) + 1)) else sorted(present)
+            raise LoraError(f"lora.layers {missing} do not exist in {type(model).__name__}: its blocks are {shown}")
+        found = {n: s for n, s in found.items() if block_index(n, config.layers_pattern) in config.layers}
+    # PEFT never puts an adapter on a module that is trained whole (modules_to_save).
+    whole = config.modules_to_save or []
+    found = {n: s for n, s in found.items() if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in whole)}
+    excluded = config.exclude_modules
+    if excluded:
+        found = {n: s for n, s in found.items()
+                 if not (re.fullmatch(excluded, n) if isinstance(excluded, str) else any(_matches(n, e) for e in excluded))}
     if not found:
         raise LoraError(_no_match_message(model, repr(spec), names, config.layers))
     return found
@@ -207,52 +162,117 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(
-    model: nn.Module, config: LoraConfig, _ranks: dict[str, tuple[int, float]] | None = None
-) -> nn.Module:
+def pattern_value(pattern: dict | None, name: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key matching the end of ``name``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer the injection will adapt, with everything its tensors depend on."""
+
+    name: str
+    d_in: int
+    d_out: int
+    r: int  # per slice
+    alpha: float
+    roles: tuple[str, ...] = ()  # q/k/v slices of a fused layer; () = the whole layer
+    slice_sizes: tuple[int, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """Rows of A: ``r`` per slice."""
+        return self.r * max(1, len(self.roles))
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters this layer adds (A and B)."""
+        return self.rank * self.d_in + self.r * (sum(self.slice_sizes) if self.roles else self.d_out)
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    base = module.base_layer if isinstance(module, LoRALinear) else module
+    if isinstance(base, Conv1D):
+        d_in, d_out = base.weight.shape
+        return int(d_in), int(d_out)
+    return int(base.in_features), int(base.out_features)
+
+
+def plan_injection(model: nn.Module, config: LoraConfig, strict: bool = True) -> dict[str, Target]:
+    """What ``add_lora(model, config)`` will adapt, computed without changing the model.
+
+    The one place targets, fused slices, per-layer ranks and alphas and their limits are
+    decided: ``add_lora`` applies this plan, adapter loading derives the tensors it
+    expects from it, and ``lorakit targets``/``plan`` report it. A meta-device model
+    (no weights) will do.
+
+    Raises:
+        LoraError: nothing matches, ``layers`` that do not exist, or a rank larger than
+            a targeted layer's dimensions.
+    """
+    modules = dict(model.named_modules())
+    plan, too_big = {}, []
+    for name, roles in find_targets(model, config, strict).items():
+        d_in, d_out = _shape(modules[name])
+        r = int(pattern_value(config.rank_pattern, name, config.r))
+        alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
+        sizes = ()
+        if roles:
+            rows = _fused_rows(model, name, modules[name])
+            sizes = tuple(len(rows[role]) for role in roles)
+        if r > min(d_in, *(sizes or (d_out,))):
+            too_big.append(f"{name} r={r}, {d_in} → {d_out}{', slices ' + str(list(sizes)) if sizes else ''}")
+        plan[name] = Target(name, d_in, d_out, r, alpha, tuple(roles), sizes)
+    if too_big:
+        raise LoraError(f"lora.r is larger than the dimensions of {len(too_big)} targeted layer(s), e.g. "
+                        f"{too_big[0]}: a rank above min(d_in, d_out) adds parameters and no capacity; lower lora.r")
+    return plan
+
+
+def add_lora(model: nn.Module, config: LoraConfig, strict: bool = True) -> nn.Module:
     """Wrap the targeted layers with LoRA in place and freeze everything else.
 
     Args:
         model: a transformers causal LM (or any module with the same naming).
-        config: what to adapt.
-        _ranks: per-module ``(r, alpha)`` overrides, used when loading PEFT adapters
-            that carry ``rank_pattern``/``alpha_pattern``.
+        config: what to adapt (see ``plan_injection``).
+        strict: see ``find_targets``.
 
     Returns:
         The same model, with ``model.lorakit_config`` set.
 
     Raises:
-        LoraError: when the model already has LoRA layers or nothing matches.
+        LoraError: when the model already has LoRA layers or the plan is impossible.
     """
     if lora_modules(model):
         raise LoraError("the model already has LoRA layers; unload_lora(model) them first")
-    targets = find_targets(model, config)
+    plan = plan_injection(model, config, strict)
     modules = dict(model.named_modules())
     model.requires_grad_(False)
-    for name, roles in targets.items():
+    for name, target in plan.items():
         base = modules[name]
-        r, alpha = (_ranks or {}).get(name, (config.r, config.alpha))
-        rows = _fused_rows(model, name, base) if roles else None
+        rows = _fused_rows(model, name, base) if target.roles else None
         wrapper = LoRALinear(
             base,
-            r=r,
-            alpha=alpha,
+            r=target.r,
+            alpha=target.alpha,
             dropout=config.dropout,
             use_rslora=config.use_rslora,
             init=config.init,
             fan_in_fan_out=isinstance(base, Conv1D),
-            out_slices=[rows[role] for role in roles] if rows else None,
+            out_slices=[rows[role] for role in target.roles] if rows else None,
         )
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, wrapper)
     _group_shared_inputs(model)
     _unfreeze_extras(model, config)
     model.lorakit_config = config
-    model.lorakit_slices = {n: roles for n, roles in targets.items() if roles}
     trainable, total = count_parameters(model)
     logger.info(
         "LoRA on %d layers: %s trainable of %s parameters (%.3f%%)",
-        len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+        len(plan), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
     )
     return model
 
@@ -317,8 +337,38 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def untie_adapted(model: nn.Module) -> list[str]:
+    """Give adapted layers that share their weight with another module (a tied output
+    head and input embeddings) a private copy, so that merging changes only them.
+
+    Returns:
+        The layers untied; the model's config then says its embeddings are not tied.
+    """
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    untied = []
+    for name, module in lora_modules(model).items():
+        weight = module.base_layer.weight
+        if owners.get(id(weight), 0) > 1 and not is_4bit(module.base_layer):
+            module.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied.append(name)
+    if untied:
+        for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+        logger.warning("%s shares its weight with the input embeddings: it is untied so that merging the "
+                       "adapter changes only it (the merged model stores both matrices)", ", ".join(untied))
+    return untied
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (idempotent); LoRA layers stay in place."""
+    """Fold every adapter into its base weight (idempotent); LoRA layers stay in place.
+
+    A tied output head is untied first (``untie_adapted``): merging must not move the
+    input embeddings.
+    """
+    untie_adapted(model)
     for module in lora_modules(model).values():
         module.merge()
     return model
@@ -332,6 +382,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _replace_wrappers(model: nn.Module, merge: bool) -> nn.Module:
+    if merge:
+        untie_adapted(model)
     modules = dict(model.named_modules())
     for name, module in lora_modules(model).items():
         parent_name, _, child = name.rpartition(".")
@@ -339,9 +391,8 @@ def _replace_wrappers(model: nn.Module, merge: bool) -> nn.Module:
         if not merge and module.merged:
             module.unmerge()
         setattr(modules[parent_name] if parent_name else model, child, plain)
-    for attr in ("lorakit_config", "lorakit_slices"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, "lorakit_config"):
+        del model.lorakit_config
     return model
 
 

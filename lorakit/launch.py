@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-class LaunchError(ValueError):
-    """A launch that cannot work on this machine."""
+from lorakit.errors import LaunchError
 
 
 def available_devices() -> tuple[int, str]:

@@ -30,93 +30,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import (
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
+
+from lorakit.errors import LoraError
+from lorakit.fastpath import SharedInput, dequantized_weight, is_4bit, is_bare_linear, unpack_cpu_4bit
 
 
-class LoraError(ValueError):
-    """A LoRA operation that cannot be carried out as asked."""
-
-
-def is_4bit(layer: nn.Module) -> bool:
-    """True for a bitsandbytes ``Linear4bit`` (its weight carries a ``quant_state``)."""
-    return hasattr(getattr(layer, "weight", None), "quant_state")
-
-
-def unpack_cpu_4bit(layer: nn.Module) -> None:
-    """Undo bitsandbytes' CPU inference packing of a 4-bit weight.
-
-    On AVX512-BF16 CPUs, bitsandbytes repacks a 4-bit weight in place at the first
-    no-grad eval forward; that layout breaks backward and dequantization, so training
-    and merging put the standard layout back first.
-    """
-    state = getattr(layer.weight, "quant_state", None)
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-            layer.weight.data, state
-        )
-
-
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The base weight as a dense ``(d_out, d_in)`` or Conv1D ``(d_in, d_out)`` tensor."""
-    if is_4bit(layer):
-        import bitsandbytes.functional as bnbf
-
-        unpack_cpu_4bit(layer)
-        return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return layer.weight.data
-
-
-class SharedInput:
-    """The down-projections ``A·dropout(x)`` of LoRA layers that read the same ``x``.
-
-    The first member to run computes every member's projection in one matmul; the
-    others take theirs while ``x`` is the same, unchanged tensor. A member that runs
-    twice, or on another input, starts a new round, so the result is always its own.
-    """
-
-    def __init__(self, layers: list[LoRALinear]) -> None:
-        self.layers = layers
-        self._input: torch.Tensor | None = None
-        self._version = -1
-        self._parts: dict[int, torch.Tensor] = {}
-
-    def down(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        """``layer``'s ``A·dropout(x)`` as a ``(rows, r)`` matrix, rows being ``x``'s leading dims flattened."""
-        if x is not self._input or x._version != self._version or id(layer) not in self._parts:
-            weights = [m._modules["lora_A"]._parameters["weight"] for m in self.layers]
-            if layer.dropout and layer.training:
-                x_in = F.dropout(x, layer.dropout, training=True)
-            else:
-                x_in = x
-            if x_in.dtype != weights[0].dtype:
-                x_in = x_in.to(weights[0].dtype)
-            x_in = x_in.reshape(-1, x_in.shape[-1])
-            parts = F.linear(x_in, torch.cat(weights)).split([w.shape[0] for w in weights], -1)
-            self._input, self._version = x, x._version
-            self._parts = {id(m): part for m, part in zip(self.layers, parts)}
-        part = self._parts.pop(id(layer))
-        if not self._parts:
-            self._input = None  # the last member took its part: keep nothing alive
-        return part
-
-
-def is_bare_linear(layer: nn.Module) -> bool:
-    """An ``nn.Linear`` whose call is exactly ``F.linear``: no hooks of its own or global
-    ones, no forward replaced (as Accelerate's offload hooks do)."""
-    return (
-        type(layer) is nn.Linear
-        and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks)
-        and "forward" not in layer.__dict__
-        and not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks
-                 or _global_backward_pre_hooks)
-    )
+def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The update's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -152,8 +73,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.use_rslora, self.fan_in_fan_out = use_rslora, fan_in_fan_out
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.merged = False
+        self.scaling = scaling(r, alpha, use_rslora)
+        self.merged, self.merged_weight = False, 1.0
         if fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -258,8 +179,14 @@ class LoRALinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight; a second call is a no-op."""
+    def merge(self, weight: float = 1.0) -> None:
+        """Fold ``weight·scaling·B·A`` into the base weight (the only place an update is
+        added to a weight); a second call is a no-op.
+
+        Raises:
+            LoraError: a 4-bit or 8-bit base, or an update that makes the weight non-finite
+                (the weight is then left as it was).
+        """
         if self.merged:
             return
         if is_4bit(self.base_layer):
@@ -267,15 +194,15 @@ class LoRALinear(nn.Module):
                 "cannot merge in place into a 4-bit weight: re-quantizing would lose the update's "
                 "precision. Use unload_lora(model), which writes a dequantized layer instead."
             )
-        weight = self.base_layer.weight
-        if not weight.dtype.is_floating_point:
-            raise LoraError(f"cannot merge into a {weight.dtype} weight (an 8-bit base): use `lorakit merge`, "
+        base = self.base_layer.weight
+        if not base.dtype.is_floating_point:
+            raise LoraError(f"cannot merge into a {base.dtype} weight (an 8-bit base): use `lorakit merge`, "
                             "which folds the adapter into the full-precision base")
-        merged = weight.float() + self.delta_weight()
+        merged = base.float() + weight * self.delta_weight()
         if not torch.isfinite(merged).all():
             raise LoraError("merging produced NaN/inf weights: the adapter is broken")
-        weight.copy_(merged)
-        self.merged = True
+        base.copy_(merged)
+        self.merged, self.merged_weight = True, weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -283,7 +210,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_(weight.float() - self.delta_weight())
+        weight.copy_(weight.float() - self.merged_weight * self.delta_weight())
         self.merged = False
 
     def merged_linear(self) -> nn.Module:

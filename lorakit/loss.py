@@ -130,14 +130,22 @@ class CausalLMLoss(nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:
+        """The mean next-token loss over this batch's labelled tokens or, with
+        ``normalizer``, their summed loss divided by it (the batch's share of a mean over
+        several micro-batches and processes)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if position_ids is not None:  # packed rows
             inputs["position_ids"] = position_ids
-        if not self.sparse:
-            return self.model(**inputs, labels=labels).loss
-        body = self.model.base_model(**inputs, use_cache=False)
-        hidden = body.last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        return head_loss(self.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep])
+        if not self.sparse:
+            loss = self.model(**inputs, labels=labels).loss
+        else:
+            hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+            loss = head_loss(self.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep])
+        if normalizer is None:
+            return loss
+        n = int(keep.sum())
+        # A micro-batch with nothing to predict adds nothing (its mean over no tokens is NaN).
+        return loss * (n / normalizer) if n else torch.nan_to_num(loss) * 0.0

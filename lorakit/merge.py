@@ -9,7 +9,7 @@ uses the original weights instead; the report gives the logit difference between
 from __future__ import annotations
 
 import logging
-import os
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorakit.adapter_io import load_adapter, read_adapter_config
+from lorakit.adapter_io import load_adapter, read_adapter, read_adapter_config
 from lorakit.config import SAVED_CONFIG, read_saved_config
-from lorakit.inject import lora_modules, remove_lora
+from lorakit.errors import InputError, MergeError
+from lorakit.files import atomic_directory, overlaps
+from lorakit.inject import lora_modules, unload_lora, untie_adapted
 from lorakit.model import DTYPES, adapter_base_config, load_model, load_tokenizer
 
 logger = logging.getLogger("lorakit")
@@ -31,10 +33,6 @@ PROBES = [
 ]
 # Max abs logit difference allowed, relative to the largest logit, per saved dtype.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-
-
-class MergeError(RuntimeError):
-    """A merge that cannot be done, or whose result failed verification."""
 
 
 @dataclass
@@ -79,21 +77,16 @@ def _swap_weights(layers: dict[str, torch.nn.Linear], weights: dict[str, torch.T
     return previous
 
 
-def _fold(model, weight: float) -> None:
-    """Add ``weight · scaling·B·A`` of the loaded adapter into the base weights, then
-    take the wrappers out."""
-    for module in lora_modules(model).values():
-        base = module.base_layer.weight
-        base.data = (base.data.float() + weight * module.delta_weight()).to(base.dtype)
-    remove_lora(model)
-
-
-def _prepare_output(output: Path, force: bool) -> Path:
+def _check_paths(adapters: list[Path], output: Path, base_paths: list[str], force: bool) -> None:
+    """Refuse an output that would overwrite an input, or a non-empty one without ``force``."""
+    for source in [*adapters, *base_paths]:
+        if Path(source).expanduser().exists() and overlaps(output, source):
+            raise InputError(f"--output {output} is, contains or lies inside the input {source}: "
+                             "writing there would destroy it; choose another directory")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a directory")
     if output.exists() and any(output.iterdir()) and not force:
-        raise MergeError(f"{output} exists and is not empty; pass --force to replace it")
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+        raise InputError(f"--output {output} exists and is not empty; pass --force to replace it")
 
 
 def merge_adapters(
@@ -104,39 +97,48 @@ def merge_adapters(
     into: str = "dequantized",
     weights: list[float] | None = None,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeReport:
     """Fold ``ΔW = Σ wᵢ·scalingᵢ·Bᵢ·Aᵢ`` into the base and write a verified checkpoint.
 
     Args:
         adapters: adapter directories (one, or several to combine).
-        output: the directory to write; it must be empty or absent unless ``force``.
+        output: the directory to write; it must be empty or absent unless ``force``, and
+            never an input (an adapter, its run directory, the base model).
         base: the base model, when not the one the adapter names.
         dtype: the saved dtype (``float32``/``bfloat16``/``float16``); default float32.
         into: for QLoRA adapters, ``dequantized`` (the NF4 weights they were trained
             against) or ``full-precision`` (the original weights).
         weights: one weight per adapter (default 1 each).
         force: replace a non-empty ``output``.
+        trust_remote_code: run the base model's own code (the user's choice; never
+            taken from the adapter's files).
 
     Raises:
-        MergeError: bad arguments, or a merged model whose logits differ from the
-            adapter-on-base model by more than the dtype's tolerance.
+        InputError: bad arguments or inputs, checked before anything loads.
+        MergeError: a merged model whose logits differ from the adapter-on-base model by
+            more than the dtype's tolerance (nothing is written).
     """
     adapters = [Path(a) for a in adapters]
     weights = weights or [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise MergeError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+        raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError(f"--weights {weights}: every weight must be a finite number")
     dtype = dtype or "float32"
     if dtype not in DTYPES:
-        raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if into not in ("dequantized", "full-precision"):
-        raise MergeError(f"--into {into!r}: choose dequantized or full-precision")
+        raise InputError(f"--into {into!r}: choose dequantized or full-precision")
+    for adapter in adapters:
+        read_adapter(adapter)  # every adapter is checked whole before anything loads
     configs = [read_adapter_config(a)[0] for a in adapters]
     if len(adapters) > 1 and any(c.modules_to_save or c.bias != "none" for c in configs):
-        raise MergeError("adapters that also train biases or modules_to_save cannot be combined")
+        raise InputError("adapters that also train biases or modules_to_save cannot be combined")
+    model_cfg = adapter_base_config(adapters[0], base, trust_remote_code)
     output = Path(output)
-    tmp = _prepare_output(output, force)
+    _check_paths(adapters, output, [model_cfg.name_or_path], force)
 
-    model_cfg = adapter_base_config(adapters[0], base)
     model = load_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
     quant = (read_saved_config(adapters[0]).get("model") or {}).get("quantization")
@@ -151,35 +153,40 @@ def merge_adapters(
 
     for i, (adapter, weight) in enumerate(zip(adapters, weights)):
         load_adapter(model, adapter)
-        if i == 0 and len(adapters) == 1:
+        untie_adapted(model)
+        modules = lora_modules(model)
+        if len(adapters) == 1:
+            # The reference is the adapter-on-base model at this weight: w·scaling·B·A.
+            with torch.no_grad():
+                for module in modules.values():
+                    module.lora_B.weight.mul_(weight)
+            weight = 1.0
             reference = _probe_logits(model, tokenizer)
             if report_into:
                 other = rounded if into == "full-precision" else original
                 mine = _swap_weights(layers, other)
                 other_diff = float((_probe_logits(model, tokenizer) - reference).abs().max())
                 _swap_weights(layers, mine)
-        untrained = [n for n, m in lora_modules(model).items() if not m.lora_B.weight.any()]
+        untrained = [n for n, m in modules.items() if not m.lora_B.weight.any()]
         if untrained:
             logger.warning("%s: %d adapted layers have B = 0 (never trained), e.g. %s", adapter, len(untrained), untrained[0])
-        _fold(model, weight)
+        for module in modules.values():
+            module.merge(weight)
+        unload_lora(model)
     if len(adapters) > 1:
         reference = _probe_logits(model, tokenizer)
 
     model.to(DTYPES[dtype])
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if (adapters[0] / SAVED_CONFIG).is_file():
-        shutil.copy(adapters[0] / SAVED_CONFIG, tmp / SAVED_CONFIG)  # eval and generate reuse its data format
-    del model
-
-    merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
-    diff = float((_probe_logits(merged, tokenizer) - reference).abs().max())
-    tolerance = TOLERANCE[dtype] * max(1.0, float(reference.abs().max()))
-    if not diff <= tolerance:
-        shutil.rmtree(tmp)
-        raise MergeError(f"verification failed: the merged model's logits differ from the adapter's by "
-                         f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype}); nothing was written")
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    with atomic_directory(output) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (adapters[0] / SAVED_CONFIG).is_file():
+            shutil.copy(adapters[0] / SAVED_CONFIG, tmp / SAVED_CONFIG)  # eval and generate reuse its data format
+        del model
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+        diff = float((_probe_logits(merged, tokenizer) - reference).abs().max())
+        tolerance = TOLERANCE[dtype] * max(1.0, float(reference.abs().max()))
+        if not diff <= tolerance:
+            raise MergeError(f"verification failed: the merged model's logits differ from the adapter's by "
+                             f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype}); nothing was written")
     return MergeReport(output, dtype, diff, tolerance, report_into, other_diff)

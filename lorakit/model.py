@@ -4,7 +4,6 @@ directories or hub ids, optionally 4-bit (QLoRA) through bitsandbytes."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -20,16 +19,13 @@ from transformers import (
     PreTrainedModel,
 )
 
-from lorakit.config import DEFAULT_MODEL, ModelConfig, read_saved_config
+from lorakit.config import DEFAULT_MODEL, ModelConfig, missing_path, read_saved_config
+from lorakit.errors import ModelLoadError
 
 logger = logging.getLogger("lorakit")
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be found or loaded."""
 
 
 def cache_dir() -> Path:
@@ -82,10 +78,11 @@ def resolve_model_path(name_or_path: str) -> str:
     """``default`` and ``.gguf`` files become cached checkpoints; the rest is passed on."""
     if name_or_path == DEFAULT_MODEL:
         return str(convert_gguf(default_gguf(), DEFAULT_HUB_ID))
+    problem = missing_path(name_or_path)
+    if problem:  # a path, not a hub id: never ask the hub about it
+        raise ModelLoadError(f"model {problem}")
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"model.name_or_path: GGUF file {path} not found")
         return str(convert_gguf(path))
     return str(path) if path.exists() else name_or_path
 
@@ -172,16 +169,25 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def adapter_base_config(adapter_dir: Path, base: str | None = None) -> ModelConfig:
+def adapter_base_config(adapter_dir: Path, base: str | None = None, trust_remote_code: bool = False) -> ModelConfig:
     """The adapter's base, in full precision: ``base``, else the training config's model,
-    else the adapter's ``base_model_name_or_path``."""
-    model = dict(read_saved_config(adapter_dir).get("model") or {})
+    else the adapter's ``base_model_name_or_path``.
+
+    Remote code runs only when the caller asks (``trust_remote_code``, from the user's
+    own command line): a downloaded adapter's files never switch it on.
+    """
+    from lorakit.adapter_io import read_adapter_config
+
+    saved = dict(read_saved_config(adapter_dir).get("model") or {})
+    if saved.get("trust_remote_code") and not trust_remote_code:
+        logger.warning("%s asks for trust_remote_code; lorakit ignores that setting in saved files and runs no "
+                       "model code unless you pass --trust-remote-code yourself", adapter_dir)
     if base is not None:
-        model = {"name_or_path": base, "trust_remote_code": model.get("trust_remote_code", False)}
-    elif not model:
-        named = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not named:
+        name = base
+    elif saved.get("name_or_path"):
+        name = saved["name_or_path"]
+    else:
+        name = read_adapter_config(adapter_dir)[1]
+        if not name:
             raise ModelLoadError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
-        model = {"name_or_path": named}
-    model.update(quantization=None, dtype="float32", gradient_checkpointing=False)
-    return ModelConfig(**model)
+    return ModelConfig(name_or_path=name, dtype="float32", trust_remote_code=trust_remote_code)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorakit.config import Config
-from lorakit.data import IGNORE, build_examples, pack
+from lorakit.data import build_examples, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.model import load_tokenizer
-from lorakit.train import epoch_steps, total_steps
+from lorakit.preflight import preflight
 
 
 @dataclass
@@ -33,12 +33,13 @@ class Plan:
 def make_plan(cfg: Config, processes: int = 1) -> Plan:
     """Tokenize the training data and estimate the run's memory (per process)."""
     t = cfg.training
+    preflight(cfg)
     tokenizer = load_tokenizer(cfg.model)
     examples = build_examples(cfg.data, tokenizer, "train")
     if cfg.data.packing:
         examples = pack(examples, cfg.data.max_length, t.seed)
     lengths = [len(e["input_ids"]) for e in examples]
-    trained = [sum(label != IGNORE for label in e["labels"][1:]) for e in examples]
+    trained = [labelled_targets(e) for e in examples]
     per_epoch = epoch_steps(len(examples), t, processes)
     steps = total_steps(t, per_epoch)
     # The heaviest micro-batch: the longest rows padded to the longest length, with the

@@ -1,5 +1,9 @@
-"""What a run shows and leaves behind: tables, the progress bar, metrics.jsonl,
-TensorBoard (when installed) and the loss plot."""
+"""What lorakit shows and leaves behind: every command's tables and messages, the
+progress bar, metrics.jsonl, TensorBoard (when installed) and the loss plot.
+
+User-supplied text (paths, keys, module names) is always escaped: a path holding
+``[red]`` or ``[/x]`` prints as it is and never as Rich markup.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,28 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 console = Console(stderr=True)
 METRICS = "metrics.jsonl"
+
+
+def _e(value) -> str:
+    """Any value as text that Rich prints literally."""
+    return escape(str(value))
+
+
+def fail_message(message: str) -> None:
+    """``error: MESSAGE`` in red, the message printed literally."""
+    console.print(f"[bold red]error:[/] {_e(message)}", highlight=False, soft_wrap=True)
+
+
+def note(*parts) -> None:
+    """One line of plain output; the parts after the first (paths, names) in bold."""
+    first, *rest = parts
+    console.print(" ".join([_e(first), *(f"[bold]{_e(p)}[/]" for p in rest)]), highlight=False, soft_wrap=True)
 
 
 class MetricsLog:
@@ -43,7 +64,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.board is not None:
             for key, value in record.items():
-                if key != "step":
+                if key != "step" and isinstance(value, (int, float)):
                     self.board.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
@@ -58,10 +79,10 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
     table = Table(title="lorakit train", show_header=False)
     quant = cfg.model.quantization
     rows = [
-        ("model", f"{cfg.model.name_or_path} ({type(model).__name__})"
+        ("model", f"{_e(cfg.model.name_or_path)} ({type(model).__name__})"
                   + (f", {quant.bits}-bit {quant.quant_type}" if quant else "")),
         ("adapted layers", f"{n_adapted} (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, "
-                           f"targets={cfg.lora.target_modules})" if cfg.method == "lora"
+                           f"targets={_e(cfg.lora.target_modules)})" if cfg.method == "lora"
                            else "none: full fine-tuning, every weight trains"),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"),
         ("examples", f"{n_train:,} train, {n_val:,} validation"),
@@ -69,7 +90,7 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
         ("effective batch", f"{t.batch_size * t.grad_accum * world} "
                             f"= {t.batch_size} × {t.grad_accum} accumulation × {world} process(es)"),
         ("steps", f"{n_steps}" + (f" (resuming at {start})" if start else "")),
-        ("output", t.output_dir),
+        ("output", _e(t.output_dir)),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -133,7 +154,7 @@ def summary_table(history: list[dict], adapter_dir: Path) -> None:
         table.add_row("tokens/s", f"{sum(r['tokens_per_s'] for r in train) / len(train):.0f}")
     if val:
         table.add_row("validation loss", " → ".join(f"{v:.4f}" for v in (val[0], val[-1])[: len(val)]))
-    table.add_row("adapter", str(adapter_dir))
+    table.add_row("adapter", _e(adapter_dir))
     console.print(table)
 
 
@@ -186,3 +207,97 @@ def plan_tables(plan, cfg, processes: int, measured: tuple[int, int] | None = No
                  for on in (False, True)]
         memory.add_row(f"[bold]measured peak[/] ({steps} step{'s' if steps > 1 else ''})", *cells)
     console.print(memory)
+
+
+def merge_summary(report) -> None:
+    """What ``lorakit merge`` wrote and how closely it matches the adapter-on-base model."""
+    if report.into:
+        other = "full-precision" if report.into == "dequantized" else "dequantized"
+        console.print(f"QLoRA adapter merged into the {report.into} base weights; merging into the {other} "
+                      f"ones instead would move logits by up to {report.into_other_diff:.4g}")
+    console.print(f"verified: max |logit difference| {report.max_abs_diff:.3g} "
+                  f"(tolerance {report.tolerance:.3g} for {report.dtype})")
+    note("merged model written to", report.output)
+
+
+def eval_table(target: str, results: dict) -> None:
+    """Scores of the model (and of the base, with the gain, when compared)."""
+    table = Table(title=f"lorakit eval: {_e(target)}")
+    columns = [c for c in ("base", "model", "gain") if c in results]
+    table.add_column("metric")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for key in results["model"]:
+        table.add_row(key, *(f"{results[c][key]:+.4f}" if c == "gain" else f"{results[c][key]:.4f}" for c in columns))
+    console.print(table)
+
+
+def sweep_table(rows: list[dict], table_path: Path, plot_path: Path) -> None:
+    """One row per grid point: trainable parameters, seconds, validation loss, scores."""
+    scores = [k for k in rows[0] if k not in ("point", "overrides", "trainable", "seconds")]
+    table = Table(title="lorakit sweep")
+    for column in ("point", "trainable", "seconds", *scores):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for row in rows:
+        table.add_row(_e(row["point"]), f"{row['trainable']:,}", f"{row['seconds']:.0f}",
+                      *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else "-" for k in scores))
+    console.print(table)
+    note("results in", table_path, "plot in", plot_path)
+
+
+def targets_table(found) -> None:
+    """``lorakit targets``: linear layers grouped by role, then what a spec adapts."""
+    table = Table(title=f"{_e(found.model_class)}: linear layers by role")
+    for column in ("role", "layers", "name (last part)", "shape in → out", "parameters"):
+        table.add_column(column)
+    for role in dict.fromkeys(layer.role for layer in found.layers):
+        group = [layer for layer in found.layers if layer.role == role]
+        shapes = sorted({(l.d_in, l.d_out) for l in group})
+        table.add_row(role, str(len(group)), _e(", ".join(sorted({l.name.rsplit(".", 1)[-1] for l in group}))),
+                      ", ".join(f"{a} → {b}" for a, b in shapes), f"{sum(l.params for l in group):,}")
+    console.print(table)
+    if found.plan is not None:
+        plan, spec = found.plan, found.spec
+        sliced = sum(1 for t in plan.values() if t.roles)
+        added = sum(t.params for t in plan.values())
+        console.print(f"target_modules {_e(repr(spec))} adapts {len(plan)} layers"
+                      + (f" ({sliced} of them on fused-qkv slices)" if sliced else "")
+                      + f", e.g. {_e(next(iter(plan)))}; at r={found.r} it adds {added:,} trainable parameters, "
+                      f"{100 * added / found.total:.3f}% of the model's {found.total:,}", highlight=False)
+
+
+def inspect_tables(adapter: Path, report) -> None:
+    """``lorakit inspect``: files, settings, and per-layer update spectra."""
+    console.print(f"[bold]{_e(adapter)}[/]: " + ", ".join(f"{_e(name)} ({size:,} B)" for name, size in report.files.items()),
+                  highlight=False)
+    console.print(f"r={report.r}, alpha={report.alpha:g}, scaling={report.scaling:g}; {report.n_tensors} tensors, "
+                  f"{report.n_params:,} parameters, dtype {', '.join(report.dtypes)}", highlight=False)
+    table = Table(title="updates ΔW = scaling·B·A")
+    for column in ("layer", "r", "alpha", "shape", "‖ΔW‖", "top singular values", "rank@90%", "rank@99%"):
+        table.add_column(column)
+    for m in report.modules:
+        top = ", ".join(f"{v:.3g}" for v in m.singular_values[:4])
+        table.add_row(_e(m.name), str(m.r), f"{m.alpha:g}", f"{m.shape[0]}×{m.shape[1]}", f"{m.norm:.4g}", top,
+                      str(m.rank90), str(m.rank99))
+    console.print(table)
+    console.print(f"most layers keep 90% of their update energy within rank {report.recommended_rank} "
+                  f"(trained at r={report.r})")
+
+
+def data_preview_tables(report, tokenizer, max_length: int, n: int) -> None:
+    """``lorakit data preview``: examples as tokens (trained ones green), shares and warnings."""
+    from rich.text import Text
+
+    from lorakit.data import IGNORE, length_summary
+
+    for i, example in enumerate(report.examples[:n]):
+        text = Text(f"--- example {i + 1} ---\n", style="bold")
+        for token, label in zip(example["input_ids"], example["labels"]):
+            text.append(tokenizer.decode([token]), style="bold green" if label != IGNORE else "dim")
+        console.print(text)
+    console.print("[bold green]green[/] tokens carry loss; [dim]dim[/] ones are context only")
+    console.print(f"{report.rows} rows; {100 * report.trained_share:.1f}% of tokens carry loss; "
+                  + length_summary(report.lengths, max_length)
+                  + f"; {report.over_max_length} rows are cut at max_length", highlight=False)
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning:[/] {_e(warning)}", highlight=False)

@@ -85,7 +85,7 @@ def grid_points(grids: list[tuple[str, list]], full_finetune: bool = False, full
         name = ",".join(_slug(k, v) for k, v in zip(keys, values))
         points.append(Point(name, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]))
     if full_finetune:
-        points.append(Point(f"full,lr={full_lr:g}", ["method=full", f"training.lr={full_lr}"]))
+        points.append(Point(f"full,lr={full_lr:g}", ["method=full", "lora=null", f"training.lr={full_lr}"]))
     return points
 
 

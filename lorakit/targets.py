@@ -10,9 +10,12 @@ import re
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from lorakit.inject import LoraConfig, add_lora, count_parameters, find_targets, linear_names, lora_modules
+from lorakit.config import LoraConfig
+from lorakit.errors import LoraError
+from lorakit.inject import Target, count_parameters, linear_names, plan_injection
 from lorakit.model import load_model_config
 
 # Role of a layer from the end of its path, first match wins.
@@ -75,10 +78,27 @@ def parse_spec(text: str) -> list[str] | str:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def plan_targets(model: torch.nn.Module, config: LoraConfig) -> tuple[dict[str, list[str]], int, int]:
-    """What ``config`` adapts: ``(targets, added trainable parameters, base total)``."""
-    targets = find_targets(model, config)
-    _, total = count_parameters(model)
-    add_lora(model, config)
-    trainable = sum(p.numel() for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight))
-    return targets, trainable, total
+@dataclass
+class TargetsReport:
+    """``lorakit targets``: the model's linear layers, and what a spec would adapt."""
+
+    model_class: str
+    layers: list[Layer]
+    total: int  # the model's parameters
+    spec: list[str] | str | None = None
+    r: int = 8
+    plan: dict[str, Target] | None = None
+
+
+def describe_targets(model: str, spec: str | None = None, r: int = 8) -> TargetsReport:
+    """Read ``model``'s config (no weights) and, with ``spec``, plan what it adapts at rank ``r``."""
+    tree = skeleton(model)
+    _, total = count_parameters(tree)
+    report = TargetsReport(type(tree).__name__, layers(tree), total)
+    if spec:
+        try:
+            config = LoraConfig(r=r, target_modules=parse_spec(spec))
+        except ValidationError as e:
+            raise LoraError(f"--target-modules {spec!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        report.spec, report.r, report.plan = config.target_modules, r, plan_injection(tree, config)
+    return report

@@ -1,16 +1,24 @@
 """``train(cfg)``: the whole fine-tuning run, driven by Accelerate.
 
-Build (tokenizer, data, model, LoRA, optimizer, schedule), then one loop that reads
-top to bottom: micro-batch → forward → backward → (every ``grad_accum``) clip, step,
-log, evaluate, checkpoint. The adapter is written at the end.
+Check, build (tokenizer, data, model, LoRA, optimizer, schedule), resume, then one loop
+that reads top to bottom: for each optimizer step, ``grad_accum`` micro-batches of
+forward and backward, then clip, step, log, evaluate, checkpoint. The adapter is
+written at the end.
+
+The loss of a step is the mean over every labelled token of the whole step (all its
+micro-batches on all processes), as HF Trainer's ``num_items_in_batch`` does: a
+micro-batch with few labelled tokens weighs as little as it should.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,24 +32,20 @@ from transformers import get_scheduler
 
 from lorakit import report
 from lorakit.adapter_io import save_adapter
-from lorakit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.checkpoint import capture_rng, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
-from lorakit.data import BatchOrder, build_examples, collate, pack
+from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
+from lorakit.errors import DataError, InputError, TrainingError, TrainingInterrupted
 from lorakit.evaluation import evaluate_loss
+from lorakit.files import atomic_directory
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss
 from lorakit.model import load_model, load_tokenizer
+from lorakit.preflight import preflight
 from lorakit.sharding import local, whole_parameters
 
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (non-finite loss, too little data, ...)."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
-
+logger = logging.getLogger("lorakit")
 
 @dataclass
 class RunResult:
@@ -59,8 +63,6 @@ def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> tor
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     import bitsandbytes as bnb
 
-    if t.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
-        raise TrainingError("training.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw or adamw_8bit")
     cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
@@ -86,32 +88,73 @@ def _check_gradients(model) -> None:
         )
 
 
-def epoch_steps(n_examples: int, t: TrainingConfig, processes: int) -> int:
-    """Optimizer steps in one pass over ``n_examples``: one per effective batch
-    (``batch_size × grad_accum × processes``)."""
-    return max(1, n_examples // (t.batch_size * processes) // t.grad_accum)
-
-
-def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run: ``max_steps``, else ``epochs`` worth of steps."""
-    return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+def _data_fingerprint(examples: list[dict]) -> dict:
+    """What identifies the training data as tokenized: how many examples and a digest of their ids."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(torch.tensor(e["input_ids"], dtype=torch.int64).numpy().tobytes())
+        digest.update(torch.tensor(e["labels"], dtype=torch.int64).numpy().tobytes())
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
 
 
 def _write_final(out: Path, model, tokenizer, cfg: Config) -> Path:
     """The adapter (or, for full fine-tuning, the model and tokenizer) plus the resolved
-    config, replaced atomically."""
-    name = "adapter" if cfg.method == "lora" else "model"
-    final, tmp = out / name, out / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method == "lora":
-        save_adapter(model, tmp)
-    else:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    config, swapped in atomically: a kill leaves the previous one or the new one."""
+    final = out / ("adapter" if cfg.method == "lora" else "model")
+    with atomic_directory(final) as tmp:
+        if cfg.method == "lora":
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return final
+
+
+class _GracefulStop:
+    """Ctrl-C asks the run to stop at the end of the current optimizer step (which then
+    resumes exactly); a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        report.console.print("stopping after this step (Ctrl-C again to stop at once)...")
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Throughput:
+    """Real tokens per second over training steps only: evaluation and saving are paused out."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.tokens, self.start = 0.0, 0, time.perf_counter()
+
+    def paused(self):
+        meter = self
+
+        class _Pause:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                meter.start += time.perf_counter() - self.t0
+
+        return _Pause()
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_first: bool = False) -> RunResult:
@@ -119,7 +162,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
 
     Args:
         cfg: the validated config.
-        resume: continue from the newest complete checkpoint in ``output_dir``.
+        resume: continue from the newest intact checkpoint in ``output_dir``.
         overwrite: start over in an ``output_dir`` that holds an earlier run (its
             checkpoints are deleted).
         longest_first: with ``data.group_by_length``, start each epoch with the batch
@@ -129,7 +172,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
         The adapter directory, the number of steps and the metric history.
 
     Raises:
-        TrainingError: a non-finite loss (naming the step) or unusable data.
+        InputError: a config, data or output directory that cannot be used (before any
+            weight loads).
+        TrainingError: a non-finite loss (naming the step and the last good checkpoint).
         TrainingInterrupted: after Ctrl-C, once a checkpoint is saved.
     """
     t = cfg.training
@@ -137,8 +182,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
     checkpoints = out / "checkpoints"
     earlier = (out / "adapter").exists() or (out / "model").exists() or list_checkpoints(checkpoints)
     if earlier and not (resume or overwrite):
-        raise TrainingError(f"{out} already holds a run; continue it with --resume, "
-                            "or start over with --overwrite (deletes its checkpoints)")
+        raise InputError(f"{out} already holds a run; continue it with --resume, "
+                         "or start over with --overwrite (deletes its checkpoints)")
+    if resume and not list_checkpoints(checkpoints):
+        raise InputError(f"--resume: no complete checkpoint in {checkpoints}")
+    preflight(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=t.mixed_precision,
@@ -146,53 +194,43 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
     )
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if world > 1:
-        die_with_parent()  # torchrun starts workers in their own sessions: tie them to the launcher
-    asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"]
-    if main and asked and accelerator.distributed_type.value != asked[0]:
-        # Accelerate quietly falls back to plain data parallelism on CPUs
-        logging.getLogger("lorakit").warning(
-            "the launch config asks for %s, but Accelerate runs %s here (it shards only on GPUs): "
-            "every process holds the whole model", asked[0], accelerator.distributed_type.value)
-    if not main:
-        logging.getLogger("lorakit").setLevel(logging.ERROR)  # one copy of each warning
+    _start_processes(accelerator, main)
     set_seed(t.seed)
 
-    # Build.
+    # Build: tokenizer and data first, so bad data fails before the model loads.
     tokenizer = load_tokenizer(cfg.model)
     train_set = build_examples(cfg.data, tokenizer, "train")
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, t.seed)
     val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
     if len(train_set) < t.batch_size * world:
-        raise TrainingError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
-                            f"({t.batch_size} × {world} processes)")
+        raise DataError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
+                        f"({t.batch_size} × {world} processes)")
     model = load_model(cfg.model, accelerator.device)
     if cfg.method == "lora":
         add_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _build_optimizer(params, t)
+    optimizer = _build_optimizer([p for p in model.parameters() if p.requires_grad], t)
     n_steps = total_steps(t, epoch_steps(len(train_set), t, world))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
     loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
     plain = accelerator.unwrap_model(loss_model).model
     params = [p for p in plain.parameters() if p.requires_grad]  # FSDP replaces them with shards
+    data_id = _data_fingerprint(train_set)
 
-    step = 0
+    # Resume, or start fresh.
+    step, changes = 0, {}
     if resume:
-        found = list_checkpoints(checkpoints)
-        if not found:
-            raise TrainingError(f"--resume: no complete checkpoint in {checkpoints}")
-        step = load_checkpoint(found[-1], plain, optimizer, scheduler, cfg, accelerator)
+        step, changes = load_checkpoint(newest_intact(checkpoints), plain, optimizer, scheduler, cfg, accelerator,
+                                        data_id)
     elif main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     metrics = report.MetricsLog(out, step if resume else None) if main else None
-    history = metrics.history if main else []
-
+    if main and changes:
+        metrics.append({"step": step, "resumed_with": changes})
     trainable, total = count_parameters(plain)
     if main:
         report.startup_table(cfg, plain, len(lora_modules(plain)), trainable, total, len(train_set),
@@ -200,79 +238,107 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
 
     # Train.
     loss_model.train()
-    pad_id = tokenizer.pad_token_id
-    micro = step * t.grad_accum
     order = BatchOrder([len(e["input_ids"]) for e in train_set], t.batch_size, world, t.seed,
                        cfg.data.group_by_length, longest_first)
-    window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
-    progress = report.Progress(n_steps, step, enabled=main)
-    try:
-        while step < n_steps:
-            examples = [train_set[i] for i in order.indices(micro, rank)]
-            batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_id).items()}
-            micro += 1
-            with accelerator.accumulate(loss_model):
-                loss = loss_model(**batch)
-                # One reduction gives every process the mean loss (so all agree to stop on
-                # NaN) and the real-token count for tokens/s.
-                real_tokens = sum(len(e["input_ids"]) for e in examples)
-                stats = accelerator.reduce(
-                    torch.stack([loss.detach().float(), torch.tensor(float(real_tokens), device=loss.device)]), "sum")
-                mean_loss = stats[0].item() / world
-                if not math.isfinite(mean_loss):
-                    last = list_checkpoints(checkpoints)
-                    kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-                    raise TrainingError(f"the loss became {mean_loss} at step {step + 1}{kept}. "
-                                        "Try a lower training.lr or training.max_grad_norm")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and step == 0 and cfg.method == "lora":
-                    _check_gradients(plain)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window["loss"] += mean_loss / t.grad_accum
-            window["tokens"] += int(stats[1].item())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            scheduler.step()
-            if step % t.log_every == 0 or step == n_steps:
-                elapsed = time.perf_counter() - window["start"]
-                steps_in_window = step % t.log_every or t.log_every
-                record = {"step": step, "loss": window["loss"] / steps_in_window, "lr": scheduler.get_last_lr()[0],
-                          "tokens": window["tokens"], "seconds": elapsed, "tokens_per_s": window["tokens"] / elapsed}
-                window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
-                if main:
-                    metrics.append(record)
-                    progress.update(step, record)
-            paused = time.perf_counter()  # evaluation and saving don't count towards tokens/s
-            if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
-                val_loss = evaluate_loss(loss_model, val_set, t.batch_size, pad_id, accelerator.device)
-                if main:
-                    metrics.append({"step": step, "val_loss": val_loss})
-                    progress.note(f"step {step}: validation loss {val_loss:.4f}")
-            if t.save_every and step % t.save_every == 0:
-                save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints, accelerator)
-            window["start"] += time.perf_counter() - paused
-    except KeyboardInterrupt:
-        progress.stop()
-        if main:
-            metrics.close()
-        saved = save_checkpoint(checkpoints, step, plain, optimizer, scheduler, cfg, t.keep_checkpoints, accelerator)
-        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {saved}") from None
-    progress.stop()
+    targets = [labelled_targets(e) for e in train_set]
+    meter, progress = _Throughput(), report.Progress(n_steps, step, enabled=main)
+    rng, updating = capture_rng(), False
 
-    # Save.
-    if main:
-        metrics.close()
+    def checkpoint(at: int, rng) -> Path:
+        return save_checkpoint(checkpoints, at, plain, optimizer, scheduler, cfg, t.keep_checkpoints, accelerator,
+                               rng, {"data": data_id})
+
+    with _GracefulStop() as stop:
+        try:
+            while step < n_steps:
+                rng, updating = capture_rng(), False  # the state this step starts from: a checkpoint resumes here
+                # Every process knows every micro-batch of the step, so all divide by the same token count.
+                micros = range(step * t.grad_accum, (step + 1) * t.grad_accum)
+                items = max(1, sum(targets[i] for m in micros for r in range(world) for i in order.indices(m, r)))
+                for micro in micros:
+                    examples = [train_set[i] for i in order.indices(micro, rank)]
+                    batch = {k: v.to(accelerator.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+                    with accelerator.accumulate(loss_model):
+                        loss = loss_model(**batch, normalizer=items)  # this micro-batch's share of the step's mean
+                        # One reduction: the step's loss so far, real tokens for tokens/s, and any Ctrl-C.
+                        stats = accelerator.reduce(torch.tensor(
+                            [loss.item(), sum(len(e["input_ids"]) for e in examples), float(stop.requested)],
+                            device=loss.device), "sum")
+                        if not math.isfinite(stats[0].item()):
+                            last = list_checkpoints(checkpoints)
+                            kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+                            raise TrainingError(f"the loss became {stats[0].item()} at step {step + 1}{kept}. Try a "
+                                                "lower training.lr or training.max_grad_norm (both may change on --resume)")
+                        # Processes' gradients are averaged and Accelerate divides by grad_accum: undo both.
+                        accelerator.backward(loss * world * t.grad_accum)
+                        if accelerator.sync_gradients:
+                            if step == 0 and cfg.method == "lora":
+                                _check_gradients(plain)
+                            if t.max_grad_norm:
+                                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                            updating = True
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    meter.loss += stats[0].item()
+                    meter.tokens += int(stats[1].item())
+                step += 1
+                scheduler.step()
+                if step % t.log_every == 0 or step == n_steps:
+                    elapsed = time.perf_counter() - meter.start
+                    record = {"step": step, "loss": meter.loss / (step % t.log_every or t.log_every),
+                              "lr": scheduler.get_last_lr()[0], "tokens": meter.tokens, "seconds": elapsed,
+                              "tokens_per_s": meter.tokens / elapsed}
+                    meter.reset()
+                    if main:
+                        metrics.append(record)
+                        progress.update(step, record)
+                with meter.paused():
+                    if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
+                        val_loss = evaluate_loss(loss_model, val_set, t.batch_size, tokenizer.pad_token_id,
+                                                 accelerator.device)
+                        if main:
+                            metrics.append({"step": step, "val_loss": val_loss})
+                            progress.note(f"step {step}: validation loss {val_loss:.4f}")
+                    if t.save_every and step % t.save_every == 0:
+                        checkpoint(step, capture_rng())
+                    if stats[2].item() and step < n_steps:  # Ctrl-C on some process: stop here, exactly
+                        saved = checkpoint(step, capture_rng())
+                        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {saved}")
+        except KeyboardInterrupt:
+            # A second Ctrl-C (or one outside the loop's reach). Before the optimizer moved, the
+            # weights are still those of the last whole step: save them with that step's RNG.
+            progress.stop()
+            if updating:
+                raise TrainingInterrupted(f"stopped at once during step {step + 1}'s update; nothing was saved "
+                                          "(--resume continues from the newest checkpoint)") from None
+            saved = checkpoint(step, rng)
+            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {saved}") from None
+        finally:
+            progress.stop()
+            if main:
+                metrics.close()
+
+    # Write the adapter.
     adapter_dir = out / ("adapter" if cfg.method == "lora" else "model")
     with whole_parameters(plain):
         if main:
             adapter_dir = _write_final(out, plain, tokenizer, cfg)
     if main:
-        report.loss_plot(out, history)
-        report.summary_table(history, adapter_dir)
+        report.loss_plot(out, metrics.history)
+        report.summary_table(metrics.history, adapter_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group, so workers exit cleanly
-    return RunResult(adapter_dir, step, history, main, trainable)
+    return RunResult(adapter_dir, step, metrics.history if main else [], main, trainable)
+
+
+def _start_processes(accelerator: Accelerator, main: bool) -> None:
+    """Multi-process housekeeping: workers die with their launcher, one copy of each warning,
+    and a warning when Accelerate silently runs a sharded config unsharded."""
+    if accelerator.num_processes > 1:
+        die_with_parent()  # torchrun starts workers in their own sessions: tie them to the launcher
+    asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"]
+    if main and asked and accelerator.distributed_type.value != asked[0]:
+        logger.warning("the launch config asks for %s, but Accelerate runs %s here (it shards only on GPUs): "
+                       "every process holds the whole model", asked[0], accelerator.distributed_type.value)
+    if not main:
+        logger.setLevel(logging.ERROR)  # one copy of each warning

@@ -56,29 +56,29 @@ def test_train_command_writes_adapter(tiny_model_dir, tmp_path):
     assert sum('"loss"' in line for line in metrics) == 3
 
 
-def test_data_errors_exit_1_with_the_row(tiny_model_dir, tmp_path):
+def test_data_errors_exit_2_with_the_line(tiny_model_dir, tmp_path):
     raw = tiny_config(tmp_path, tiny_model_dir)
     raw["data"]["train"] = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1="}])
     result = runner.invoke(app, ["train", _config(tmp_path, raw)])
-    assert result.exit_code == 1
-    assert "row 0: no field 'answer'" in result.output
+    assert result.exit_code == 2
+    assert "bad.jsonl, line 1: no field 'answer'" in result.output
 
 
-def test_wrong_target_exits_1_listing_layers(tiny_model_dir, tmp_path):
+def test_wrong_target_exits_2_listing_layers(tiny_model_dir, tmp_path):
     raw = tiny_config(tmp_path, tiny_model_dir)
     raw["lora"]["target_modules"] = ["query"]
     result = runner.invoke(app, ["train", _config(tmp_path, raw)])
-    assert result.exit_code == 1 and "q_proj" in result.output and "'query'" in result.output
+    assert result.exit_code == 2 and "lora: target_modules" in result.output and "q_proj" in result.output and "'query'" in result.output
 
 
 def test_missing_models_are_clean_errors(tiny_model_dir, tmp_path):
     missing = runner.invoke(app, ["targets", str(tmp_path / "no-such-model")])
-    assert missing.exit_code == 1 and "cannot read a model config" in missing.output
+    assert missing.exit_code == 2 and "no such file or directory" in missing.output
     raw = tiny_config(tmp_path, tiny_model_dir)
     (tmp_path / "empty").mkdir()
     raw["model"]["name_or_path"] = str(tmp_path / "empty")  # exists, holds no model
     result = runner.invoke(app, ["train", _config(tmp_path, raw)])
-    assert result.exit_code == 1 and "cannot load a tokenizer" in result.output
+    assert result.exit_code == 2 and "model.name_or_path: " in result.output and "cannot read a model config" in result.output
 
 
 def test_bad_sweep_grid_exits_2(tiny_model_dir, tmp_path):

@@ -49,7 +49,7 @@ def test_defaults_fill_in(good, tmp_path):
         ({"lora": {"rank": 8}}, "lora.rank: unknown key"),
         ({"trainig": {}}, "trainig: unknown key; did you mean training?"),
         ({"training": {}}, "set training.max_steps or training.epochs"),
-        ({"data": {"train": "missing.jsonl"}}, "data.train: file 'missing.jsonl' not found"),
+        ({"data": {"train": "missing.jsonl"}}, "data.train: no such file or directory: 'missing.jsonl'"),
         ({"model": {"quantization": {"bits": 3}}}, "model.quantization.bits: Input should be 4 or 8"),
         ({"data": {"format": "sharegpt"}}, "data.format: Input should be"),
     ],

@@ -61,7 +61,7 @@ def test_alpaca_and_text_formats(tok):
 
 def test_missing_fields_name_row_and_field(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
-    with pytest.raises(DataError, match=r"row 1: no field 'completion' \(the row has prompt\)"):
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: no field 'completion' \(the row has prompt\)"):
         build_examples(DataConfig(train=path), tok)
     with pytest.raises(DataError, match="prompt_template uses field 'question'"):
         build_examples(DataConfig(train=path, prompt_template="{question}"), tok)

@@ -11,7 +11,7 @@ from lorakit.adapter_report import effective_rank, inspect_adapter, spectrum
 from lorakit.cli import app
 from lorakit.config import validate_config
 from lorakit.inject import lora_modules
-from lorakit.targets import layers, parse_spec, plan_targets, skeleton
+from lorakit.targets import describe_targets, layers, parse_spec, skeleton
 from lorakit.train import TrainingError, train
 
 runner = CliRunner()
@@ -30,8 +30,12 @@ def test_targets_groups_layers_by_role_without_weights(tiny_model_dir, gpt2_dir)
     roles = {layer.role for layer in layers(tree)}
     assert roles == {"attention q", "attention k", "attention v", "attention o", "mlp", "head"}
     assert {layer.role for layer in layers(skeleton(gpt2_dir))} >= {"fused qkv", "attention o", "mlp", "head"}
-    chosen, added, total = plan_targets(skeleton(tiny_model_dir), LoraConfig(r=4, target_modules=["q", "v"]))
-    assert len(chosen) == 4 and added == 2 * (4 * (64 + 64) + 4 * (64 + 32)) and total > added
+    found = describe_targets(tiny_model_dir, "q,v", r=4)
+    added = sum(t.params for t in found.plan.values())
+    assert len(found.plan) == 4 and added == 2 * (4 * (64 + 64) + 4 * (64 + 32)) and found.total > added
+    # the plan counts exactly the parameters add_lora creates
+    real = add_lora(skeleton(tiny_model_dir), LoraConfig(r=4, target_modules=["q", "v"]))
+    assert added == sum(p.numel() for m in lora_modules(real).values() for p in (m.lora_A.weight, m.lora_B.weight))
 
 
 def test_targets_command(gpt2_dir):
@@ -40,7 +44,7 @@ def test_targets_command(gpt2_dir):
     assert "fused qkv" in result.output and "c_attn" in result.output
     assert "2 of them on fused-qkv slices" in result.output
     bad = runner.invoke(app, ["targets", gpt2_dir, "--target-modules", "q_prj"])
-    assert bad.exit_code == 1 and "c_attn" in bad.output
+    assert bad.exit_code == 2 and "c_attn" in bad.output
 
 
 def test_parse_spec():
@@ -93,7 +97,7 @@ def test_inspect_command_checks_against_a_base(tmp_path, tiny_model_dir, gpt2_di
     assert "adapter_model.safetensors" in result.output and "rank@90%" in result.output
     assert (tmp_path / "p.png").stat().st_size > 1000
     wrong = runner.invoke(app, ["inspect", str(tmp_path / "a"), "--base", gpt2_dir])
-    assert wrong.exit_code == 1 and "does not fit" in wrong.output and "q_proj" in wrong.output
+    assert wrong.exit_code == 2 and "does not fit" in wrong.output and "q_proj" in wrong.output
 
 
 def test_data_preview_highlights_and_warns(tiny_model_dir, tmp_path):

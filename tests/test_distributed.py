@@ -83,9 +83,12 @@ def test_two_processes_equal_one_with_accumulation(reference, tmp_path):
 
 def test_two_process_resume_after_kill_9(reference, tmp_path):
     raw, _ = reference
-    long = dict(raw, training={**raw["training"], "max_steps": 120, "output_dir": str(tmp_path / "one")})
-    train(validate_config(long, "test"))
-    killed = dict(long, training={**long["training"], "grad_accum": 1, "output_dir": str(tmp_path / "killed")})
+    # Compared with an uninterrupted two-process run, bit for bit: over 120 steps, one process
+    # with accumulation drifts from two processes by float rounding (a few 1e-7), which
+    # test_two_processes_equal_one_with_accumulation bounds over 12 steps.
+    whole = dict(raw, training={**raw["training"], "max_steps": 120, "grad_accum": 1, "output_dir": str(tmp_path / "one")})
+    assert _two_process(_write(tmp_path, whole, "whole")).returncode == 0
+    killed = dict(whole, training={**whole["training"], "output_dir": str(tmp_path / "killed")})
     config = _write(tmp_path, killed, "killed")
     proc = _two_process(config, start_new_session=True)
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -105,7 +108,8 @@ def test_two_process_resume_after_kill_9(reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming at" in done.stderr
     adapter = "adapter/adapter_model.safetensors"
-    assert _close(load_file(tmp_path / "killed" / adapter), load_file(tmp_path / "one" / adapter))
+    resumed, uninterrupted = load_file(tmp_path / "killed" / adapter), load_file(tmp_path / "one" / adapter)
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
 def test_resume_needs_the_same_process_count(reference, tmp_path):

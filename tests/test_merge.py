@@ -8,6 +8,7 @@ from conftest import tiny_config
 from lorakit import load_adapter
 from lorakit.config import validate_config
 from lorakit.inject import lora_modules
+from lorakit.errors import InputError
 from lorakit.merge import MergeError, merge_adapters, nf4_roundtrip
 from lorakit.train import train
 
@@ -44,7 +45,7 @@ def test_refuses_non_empty_output_without_force(tiny_model_dir, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(MergeError, match="not empty; pass --force"):
+    with pytest.raises(InputError, match="not empty; pass --force"):
         merge_adapters([adapter], out)
     assert (out / "precious.txt").read_text() == "keep me"
     merge_adapters([adapter], out, force=True, dtype="bfloat16")
@@ -64,15 +65,16 @@ def test_weighted_combination_is_exact(tiny_model_dir, tmp_path):
         expected += w * layer.delta_weight()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").get_submodule(name).weight
     torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
-    with pytest.raises(MergeError, match="2 values for 1 adapters"):
+    with pytest.raises(InputError, match="2 values for 1 adapters"):
         merge_adapters([a], tmp_path / "other", weights=[0.5, 0.5])
 
 
 def test_failed_verification_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     adapter = _trained(tmp_path, tiny_model_dir)
-    import lorakit.merge as merge_module
+    from lorakit.lora import LoRALinear
 
-    monkeypatch.setattr(merge_module, "_fold", lambda model, weight: merge_module.remove_lora(model))
+    real = LoRALinear.delta_weight
+    monkeypatch.setattr(LoRALinear, "delta_weight", lambda self: 2 * real(self))  # a wrong fold
     with pytest.raises(MergeError, match="verification failed"):
         merge_adapters([adapter], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
@@ -81,7 +83,7 @@ def test_failed_verification_writes_nothing(tiny_model_dir, tmp_path, monkeypatc
 
 def test_nf4_roundtrip_matches_bitsandbytes_layer(tiny_model_dir):
     from lorakit.config import ModelConfig
-    from lorakit.lora import dequantized_weight
+    from lorakit.fastpath import dequantized_weight
     from lorakit.model import load_model
 
     quantized = load_model(ModelConfig(name_or_path=tiny_model_dir, quantization={"bits": 4}))

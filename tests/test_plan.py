@@ -88,4 +88,4 @@ def test_plan_command_prints_estimate_and_measurement(tmp_path, tiny_model_dir):
     assert bad.exit_code == 2 and "training.batch_size" in bad.output
     (tmp_path / "odd.jsonl").write_text('{"text": "no question field"}\n')
     unusable = runner.invoke(app, ["plan", str(path), "--set", f"data.train={tmp_path}/odd.jsonl"])
-    assert unusable.exit_code == 1 and "odd.jsonl" in unusable.output and "question" in unusable.output
+    assert unusable.exit_code == 2 and "odd.jsonl" in unusable.output and "question" in unusable.output

@@ -19,7 +19,7 @@ def test_grid_parsing():
     points = grid_points(grid, full_finetune=True)
     assert len(points) == 3 * 2 * 3 + 1 and len({p.name for p in points}) == len(points)
     assert points[0].overrides == ["lora.r=4", "training.lr=0.0002", 'lora.target_modules=["q", "v"]']
-    assert points[-1].overrides == ["method=full", "training.lr=2e-05"]
+    assert points[-1].overrides == ["method=full", "lora=null", "training.lr=2e-05"]
     with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
         parse_grid(["lora.r"])
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_config
 from lorakit import load_adapter
 from lorakit.config import validate_config
+from lorakit.errors import DataError, InputError, ResumeError
 from lorakit.train import TrainingError, TrainingInterrupted, train
 
 ADAPTER = "adapter_model.safetensors"
@@ -96,10 +97,10 @@ def test_resume_refuses_a_changed_config(tiny_model_dir, tmp_path):
     _run(raw)
     raw["lora"]["r"] = 8
     raw["training"]["max_steps"] = 4
-    with pytest.raises(RuntimeError, match=r"config changed \(lora\.r: 4 in the checkpoint, 8 now\)"):
+    with pytest.raises(ResumeError, match=r"config changed \(lora\.r: 4 in the checkpoint, 8 now\)"):
         _run(raw, resume=True)
     raw["training"]["output_dir"] = str(tmp_path / "empty")
-    with pytest.raises(TrainingError, match="no complete checkpoint"):
+    with pytest.raises(InputError, match="no complete checkpoint"):
         _run(raw, resume=True)
 
 
@@ -152,7 +153,7 @@ def test_an_earlier_run_is_never_silently_replaced(tiny_model_dir, tmp_path):
     raw = tiny_config(tmp_path, tiny_model_dir, max_steps=2, save_every=1)
     _run(raw)
     before = _adapter(tmp_path / "run")
-    with pytest.raises(TrainingError, match="already holds a run; continue it with --resume"):
+    with pytest.raises(InputError, match="already holds a run; continue it with --resume"):
         _run(raw)
     assert all(torch.equal(before[k], v) for k, v in _adapter(tmp_path / "run").items())
     raw["training"]["max_steps"] = 1
@@ -162,7 +163,7 @@ def test_an_earlier_run_is_never_silently_replaced(tiny_model_dir, tmp_path):
 
 def test_too_little_data_is_an_error(tiny_model_dir, tmp_path):
     raw = tiny_config(tmp_path, tiny_model_dir, batch_size=1000)
-    with pytest.raises(TrainingError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one batch"):
         _run(raw)
 
 
@@ -211,6 +212,7 @@ def test_tensorboard_mirror_when_installed(tiny_model_dir, tmp_path):
 def test_full_fine_tuning_mode(tiny_model_dir, tmp_path):
     raw = tiny_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
     raw["method"] = "full"
+    del raw["lora"]  # full fine-tuning has no adapters: a lora section with it is refused
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     result = _run(raw)
     assert result.adapter_dir == tmp_path / "run" / "model"

@@ -1,0 +1,81 @@
+"""Writing files and directories whole or not at all.
+
+Everything lorakit writes for keeps (adapters, checkpoints, merged models, converted
+models) is written under a temporary name beside its destination and renamed into place,
+so a kill at any moment leaves either the old version or the new one, never a mixture
+and never neither. A directory that replaces another is swapped in with two renames; if
+a kill falls between them, the next write (or ``recover_directory``) puts the old one back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temporary(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp")
+
+
+def _previous(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover_directory(final: Path) -> None:
+    """Undo what a killed ``atomic_directory`` left: restore the previous version if the
+    new one never arrived, and remove half-written temporaries."""
+    old = _previous(final)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+    shutil.rmtree(_temporary(final), ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it becomes ``final``.
+
+    An existing ``final`` is replaced only once the new directory is complete. If the
+    body raises, the temporary directory is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(final)
+    tmp = _temporary(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = _previous(final)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` are the same path or one contains the other (links resolved)."""
+    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents

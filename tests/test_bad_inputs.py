@@ -1,0 +1,452 @@
+"""Bad and hostile inputs, table-driven, through the real command line.
+
+Each case builds its input in a fresh directory, runs one ``lorakit`` command, and
+asserts the exit code (2: an input lorakit cannot honour; 1: work that could not finish),
+that the message names what and where, and that no traceback is printed. The security
+cases also assert that the marker file planted code or pickles would write never appears.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from conftest import save_tiny_model, tiny_config, write_jsonl
+from lorakit import LoraConfig, add_lora, save_adapter
+from lorakit.cli import app
+from lorakit.config import SAVED_CONFIG, config_to_dict, validate_config
+
+runner = CliRunner()
+MARKER = "pwned.marker"
+
+
+@dataclass
+class Case:
+    """What a case runs and what it must see."""
+
+    args: list[str]
+    code: int
+    says: list[str]
+    stdin: str | None = None
+    absent: list[Path] = field(default_factory=list)  # files that must never appear
+    intact: list[Path] = field(default_factory=list)  # files that must survive unchanged
+
+
+@dataclass
+class Ctx:
+    """A fresh directory with a tiny model, a good config and a good adapter to spoil."""
+
+    root: Path
+    model: str
+    adapter: Path
+
+    def config(self, edit: Callable[[dict], None] | None = None, text: str | None = None, name: str = "c.yaml") -> str:
+        raw = tiny_config(self.root, self.model)
+        if edit:
+            edit(raw)
+        path = self.root / name
+        path.write_text(text if text is not None else yaml.safe_dump(raw))
+        return str(path)
+
+    def data(self, text: str | bytes, name: str = "d.jsonl") -> str:
+        path = self.root / name
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
+        return str(path)
+
+    def with_data(self, text: str | bytes, name: str = "d.jsonl", **data) -> str:
+        path = self.data(text, name)
+        return self.config(lambda raw: raw["data"].update(train=path, validation=None, **data))
+
+    def peft(self, **changes) -> str:
+        """The good adapter with its adapter_config.json edited (None removes a key)."""
+        file = self.adapter / "adapter_config.json"
+        config = json.loads(file.read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        file.write_text(json.dumps(config))
+        return str(self.adapter)
+
+    def tensors(self, edit: Callable[[dict], None]) -> str:
+        file = self.adapter / "adapter_model.safetensors"
+        state = load_file(file)
+        edit(state)
+        save_file(state, file)
+        return str(self.adapter)
+
+    def first(self, suffix: str) -> str:
+        return next(k for k in load_file(self.adapter / "adapter_model.safetensors") if k.endswith(suffix))
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A trained-looking adapter (random B) on the tiny model, with its training config."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("good")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q", "v"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    save_adapter(model, root / "adapter")
+    cfg = validate_config(tiny_config(root, tiny_model_dir), "good")
+    (root / "adapter" / SAVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return root / "adapter"
+
+
+class _Plant:
+    """Unpickling this writes a marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickle_only(c: Ctx) -> Case:
+    (c.adapter / "adapter_model.safetensors").unlink()
+    (c.adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Plant(c.root / MARKER)))
+    return Case(["inspect", str(c.adapter)], 2, ["adapter_model.bin", "never loads"], absent=[c.root / MARKER])
+
+
+def _pickle_only_eval(c: Ctx) -> Case:
+    case = _pickle_only(c)
+    return Case(["eval", str(c.adapter), "--limit", "1"], 2, ["never loads"], absent=case.absent)
+
+
+def _remote_code(c: Ctx, base_flag: bool) -> Case:
+    """A base whose config asks for custom code, named by an adapter that enables remote code."""
+    base = c.root / "custom"
+    shutil.copytree(c.model, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="planted", auto_map={"AutoConfig": "planted.PlantedConfig",
+                                                    "AutoModelForCausalLM": "planted.PlantedModel"})
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "planted.py").write_text(f"import pathlib\npathlib.Path({str(c.root / MARKER)!r}).touch()\n")
+    saved = yaml.safe_load((c.adapter / SAVED_CONFIG).read_text())
+    saved["model"].update(name_or_path=str(base), trust_remote_code=True)
+    (c.adapter / SAVED_CONFIG).write_text(yaml.safe_dump(saved))
+    args = ["eval", str(c.adapter), "--limit", "1", "--max-new-tokens", "1"]
+    return Case(args + (["--base", str(base)] if base_flag else []), 2, ["trust_remote_code"],
+                absent=[c.root / MARKER])
+
+
+def _merge_into(c: Ctx, where: str) -> Case:
+    output = {"itself": c.adapter, "run": c.adapter.parent, "inside": c.adapter / "merged"}[where]
+    weights = c.adapter / "adapter_model.safetensors"
+    return Case(["merge", str(c.adapter), "--output", str(output), "--force"], 2, ["input", "destroy"],
+                intact=[weights])
+
+
+def _nan(c: Ctx) -> str:
+    key = c.first("lora_B.weight")
+    return c.tensors(lambda s: s.__setitem__(key, s[key] * float("nan")))
+
+
+CASES: dict[str, Callable[[Ctx], Case]] = {
+    # --- config files ----------------------------------------------------------------
+    "config missing": lambda c: Case(["train", str(c.root / "absent.yaml")], 2, ["cannot read the config file"]),
+    "config binary": lambda c: Case(["train", c.data(b"\x00\x01\x02", "c.yaml")], 2, ["not a text file"]),
+    "config not utf-8": lambda c: Case(["train", c.data(b"data:\n  train: \xff\xfe\n", "c.yaml")], 2, ["not UTF-8"]),
+    "config invalid yaml": lambda c: Case(["train", c.data("data: [a\n", "c.yaml")], 2, ["line", "not valid YAML"]),
+    "config duplicate section": lambda c: Case(["train", c.data(
+        "data:\n  train: a.jsonl\ntraining:\n  max_steps: 1\ndata:\n  train: b.jsonl\n", "c.yaml")],
+        2, ["line 5", "'data' is given twice"]),
+    "config duplicate key": lambda c: Case(["config", "show", c.data(
+        "lora:\n  r: 4\n  r: 8\n", "c.yaml")], 2, ["line 3", "'r' is given twice"]),
+    "config python tag": lambda c: Case(["train", c.data(
+        f"!!python/object/apply:pathlib.Path.touch [{str(c.root / MARKER)!r}]\n", "c.yaml")], 2, ["not valid YAML"],
+        absent=[c.root / MARKER]),
+    "config top-level list": lambda c: Case(["train", c.data("- a\n- b\n", "c.yaml")], 2, ["mapping of sections"]),
+    "config unknown key": lambda c: Case(["train", c.config(lambda r: r["lora"].update(dropuot=0.1))], 2,
+                                         ["lora.dropuot", "did you mean lora.dropout"]),
+    "config unknown section": lambda c: Case(["train", c.config(lambda r: r.update(optimiser={}))], 2,
+                                             ["optimiser: unknown key"]),
+    "config r zero": lambda c: Case(["train", c.config(lambda r: r["lora"].update(r=0))], 2, ["lora.r"]),
+    "config r text": lambda c: Case(["train", c.config(lambda r: r["lora"].update(r="eight"))], 2, ["lora.r"]),
+    "config alpha negative": lambda c: Case(["train", c.config(lambda r: r["lora"].update(alpha=-1))], 2, ["lora.alpha"]),
+    "config dropout one": lambda c: Case(["train", c.config(lambda r: r["lora"].update(dropout=1.0))], 2,
+                                         ["lora.dropout"]),
+    "config no length": lambda c: Case(["train", c.config(lambda r: r["training"].pop("max_steps"))], 2,
+                                       ["max_steps or training.epochs"]),
+    "config batch negative": lambda c: Case(["plan", c.config(lambda r: r["training"].update(batch_size=-1))], 2,
+                                            ["training.batch_size"]),
+    "config lr zero": lambda c: Case(["train", c.config(lambda r: r["training"].update(lr=0))], 2, ["training.lr"]),
+    "config scheduler": lambda c: Case(["train", c.config(lambda r: r["training"].update(scheduler="step"))], 2,
+                                       ["training.scheduler"]),
+    "config optimizer": lambda c: Case(["train", c.config(lambda r: r["training"].update(optimizer="sgd"))], 2,
+                                       ["training.optimizer"]),
+    "config quantization bits": lambda c: Case(["train", c.config(
+        lambda r: r["model"].update(quantization={"bits": 3}))], 2, ["model.quantization.bits"]),
+    "config bad regex": lambda c: Case(["train", c.config(lambda r: r["lora"].update(target_modules="q_proj("))], 2,
+                                       ["lora.target_modules", "regular expression"]),
+    "config catastrophic regex": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(target_modules="(a+)+$"))], 2, ["lora.target_modules", "repeats"]),
+    "config exclude regex": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(exclude_modules="(x|xx)*y"))], 2, ["lora.exclude_modules"]),
+    "config rank pattern regex": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(rank_pattern={"(q+)+": 4}))], 2, ["lora.rank_pattern"]),
+    "config template attribute": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(prompt_template="{question.__class__}"))], 2, ["data.prompt_template", "not a field name"]),
+    "config template positional": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(prompt_template="{0}"))], 2, ["data.prompt_template"]),
+    "config template index": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(prompt_template="{question[0]}"))], 2, ["data.prompt_template"]),
+    "config template brace": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(prompt_template="{question"))], 2, ["data.prompt_template"]),
+    "config train missing": lambda c: Case(["train", c.config(lambda r: r["data"].update(train="nope.jsonl"))], 2,
+                                           ["data.train", "no such file or directory", "nope.jsonl"]),
+    "config validation missing": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(validation="./val/missing.jsonl"))], 2, ["data.validation", "no such file"]),
+    "config train directory": lambda c: Case(["train", c.config(lambda r: r["data"].update(train=str(c.root)))], 2,
+                                             ["data.train", "is a directory"]),
+    "config model missing": lambda c: Case(["train", c.config(
+        lambda r: r["model"].update(name_or_path="./no-model"))], 2, ["model.name_or_path", "no such file"]),
+    "config model gguf missing": lambda c: Case(["train", c.config(
+        lambda r: r["model"].update(name_or_path="weights.gguf"))], 2, ["model.name_or_path", "weights.gguf"]),
+    "config model parent exists": lambda c: Case(["train", c.config(
+        lambda r: r["model"].update(name_or_path="adapter/nothing"))], 2, ["no such file"]),
+    "config file and schema problems together": lambda c: Case(["train", c.config(
+        lambda r: (r["data"].update(train="gone.jsonl"), r["lora"].update(r=0)))], 2, ["lora.r", "gone.jsonl"]),
+    "config full with lora": lambda c: Case(["train", c.config(lambda r: r.update(method="full"))], 2,
+                                            ["method: full"]),
+    "config full with quantization": lambda c: Case(["train", c.config(
+        lambda r: (r.update(method="full"), r.pop("lora"), r["model"].update(quantization={"bits": 4})))], 2,
+        ["model.quantization", "full fine-tuning"]),
+    "config max_length beyond context": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(max_length=100_000))], 2, ["data.max_length", "context of 256"]),
+    "config plan max_length beyond context": lambda c: Case(["plan", c.config(
+        lambda r: r["data"].update(max_length=100_000))], 2, ["data.max_length"]),
+    "config layers missing": lambda c: Case(["train", c.config(lambda r: r["lora"].update(layers=[0, 9]))], 2,
+                                            ["lora.layers [9]", "0-1"]),
+    "config r too large": lambda c: Case(["train", c.config(lambda r: r["lora"].update(r=4096))], 2,
+                                         ["larger than the dimensions"]),
+    "config target typo": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(target_modules=["q_proj", "v_prj"]))], 2, ["'v_prj'", "q_proj"]),
+    "config exclude everything": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(exclude_modules=["q_proj", "v_proj"]))], 2, ["matched no layer"]),
+    "config paged optimizer on cpu": lambda c: Case(["train", c.config(
+        lambda r: r["training"].update(optimizer="paged_adamw_8bit"))], 2, ["paged_adamw_8bit needs a CUDA GPU"]),
+    "config fp16 on cpu": lambda c: Case(["train", c.config(
+        lambda r: r["training"].update(mixed_precision="fp16"))], 2, ["fp16 needs a CUDA GPU"]),
+    "set without equals": lambda c: Case(["train", c.config(), "--set", "lora.r"], 2, ["expected KEY=VALUE"]),
+    "set invalid yaml": lambda c: Case(["train", c.config(), "--set", "lora.r=[1"], 2, ["not valid YAML"]),
+    "set through a value": lambda c: Case(["train", c.config(), "--set", "lora.r.x=1"], 2, ["not a section"]),
+    "set unknown key": lambda c: Case(["config", "show", c.config(), "--set", "lora.rank=4"], 2, ["lora.rank"]),
+    "accelerate config missing": lambda c: Case(["train", c.config(), "--accelerate-config", "nope.yaml"], 2,
+                                                ["nope.yaml"]),
+    "too many processes": lambda c: Case(["train", c.config(), "--num-processes", "999"], 2, ["CPU core(s)"]),
+    "earlier run without resume": lambda c: (
+        (c.root / "run" / "adapter").mkdir(parents=True),
+        Case(["train", c.config()], 2, ["already holds a run", "--resume"]))[1],
+    "resume without checkpoint": lambda c: Case(["train", c.config(), "--resume"], 2, ["no complete checkpoint"]),
+    # --- data ------------------------------------------------------------------------
+    "data empty file": lambda c: Case(["data", "preview", c.with_data("")], 2, ["d.jsonl", "no rows"]),
+    "data blank lines only": lambda c: Case(["data", "preview", c.with_data("\n\n  \n")], 2, ["no rows"]),
+    "data malformed json line": lambda c: Case(["data", "preview", c.with_data(
+        '{"question": "1+1=", "answer": "2"}\n\n{"question": oops}\n')], 2, ["d.jsonl, line 3", "not valid JSON"]),
+    "data non-utf8": lambda c: Case(["data", "preview", c.with_data(
+        b'{"question": "1", "answer": "2"}\n{"question": "\xff", "answer": "2"}\n')], 2, ["d.jsonl, line 2", "UTF-8"]),
+    "data row not an object": lambda c: Case(["data", "preview", c.with_data('[1, 2]\n')], 2,
+                                             ["line 1", "JSON object"]),
+    "data missing field": lambda c: Case(["data", "preview", c.with_data(
+        '{"question": "1+1="}\n')], 2, ["d.jsonl, line 1", "no field 'answer'", "question"]),
+    "data field is an object": lambda c: Case(["data", "preview", c.with_data(
+        '{"question": "1+1=", "answer": {"x": 1}}\n')], 2, ["line 1", "'answer'", "dict"]),
+    "data template field missing": lambda c: Case(["data", "preview", c.with_data(
+        '{"q": "1+1=", "answer": "2"}\n')], 2, ["line 1", "prompt_template uses field 'question'"]),
+    "data json array non-object": lambda c: Case(["data", "preview", c.with_data('[{"question": "a", "answer": "b"}, 3]',
+                                                                                "d.json")], 2, ["d.json, row 2"]),
+    "data json array broken": lambda c: Case(["data", "preview", c.with_data('[{"question": "a",\n "answer": }]',
+                                                                            "d.json")], 2, ["d.json, line 2"]),
+    "data csv header only": lambda c: Case(["data", "preview", c.with_data("question,answer\n", "d.csv")], 2,
+                                           ["d.csv", "no rows"]),
+    "data csv missing column": lambda c: Case(["data", "preview", c.with_data("question\n1+1=\n", "d.csv")], 2,
+                                              ["d.csv, row 1", "no field 'answer'"]),
+    "data parquet garbage": lambda c: Case(["data", "preview", c.with_data(b"not parquet at all", "d.parquet")], 2,
+                                           ["d.parquet", "parquet"]),
+    "data unknown extension": lambda c: Case(["data", "preview", c.with_data("x", "d.txt")], 2,
+                                             ["unknown data file type .txt"]),
+    "data chat unknown role": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}) + "\n",
+        format="chat")], 2, ["line 1", "message 2", "role 'bot'"]),
+    "data chat missing content": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}) + "\n", format="chat")], 2,
+        ["line 1", "message 1", "content"]),
+    "data chat no assistant": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}]}) + "\n", format="chat")], 2, ["no assistant message"]),
+    "data chat not a list": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": "hello"}) + "\n", format="chat")], 2, ["'messages' list"]),
+    "data chat turn not an object": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": ["hello"]}) + "\n", format="chat")], 2, ["message 1 is a str"]),
+    "data alpaca missing instruction": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"output": "x"}) + "\n", format="alpaca")], 2, ["no field 'instruction'"]),
+    "data text field missing": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"body": "x"}) + "\n", format="text")], 2, ["no field 'text'"]),
+    "data nothing trainable": lambda c: Case(["train", c.config(lambda r: r["data"].update(max_length=1))], 2,
+                                             ["no usable example"]),
+    "data fewer than a batch": lambda c: Case(["train", c.with_data(
+        '{"question": "1+1=", "answer": "2"}\n')], 2, ["fewer than one batch"]),
+    "data bad validation file": lambda c: Case(["train", c.config(lambda r: r["data"].update(
+        validation=c.data('{"question": 1}\n', "v.jsonl")))], 2, ["v.jsonl, line 1", "no field 'answer'"]),
+    "eval data empty": lambda c: Case(["eval", str(c.adapter), "--data", c.data("", "e.jsonl")], 2, ["e.jsonl", "no rows"]),
+    "eval data malformed": lambda c: Case(["eval", str(c.adapter), "--data", c.data('{"a": \n', "e.jsonl")], 2,
+                                          ["e.jsonl, line 1"]),
+    "eval data missing": lambda c: Case(["eval", str(c.adapter), "--data", "./none.jsonl"], 2, ["none.jsonl"]),
+    "eval data lacks reference": lambda c: Case(["eval", str(c.adapter), "--data", c.data(
+        '{"question": "1+1="}\n', "e.jsonl")], 2, ["e.jsonl, line 1", "answer"]),
+    # --- paths -----------------------------------------------------------------------
+    "eval dot path": lambda c: Case(["eval", "./nothing-here"], 2, ["no such file or directory", "nothing-here"]),
+    "eval parent path": lambda c: Case(["eval", "../nothing-here"], 2, ["no such file or directory"]),
+    "eval absolute path": lambda c: Case(["eval", str(c.root / "gone")], 2, ["no such file or directory"]),
+    "eval gguf name": lambda c: Case(["eval", "model.gguf"], 2, ["no such file or directory", "model.gguf"]),
+    "generate missing": lambda c: Case(["generate", "./gone", "--prompt", "x"], 2, ["no such file or directory"]),
+    "targets missing": lambda c: Case(["targets", "./gone"], 2, ["no such file or directory"]),
+    "targets bad spec": lambda c: Case(["targets", c.model, "-t", "(a+)+$"], 2, ["repeats"]),
+    "inspect missing": lambda c: Case(["inspect", str(c.root / "gone")], 2, ["no such adapter directory"]),
+    "inspect not an adapter": lambda c: Case(["inspect", str(c.root)], 2, ["no adapter_config.json"]),
+    "inspect base missing": lambda c: Case(["inspect", str(c.adapter), "--base", "./gone"], 2, ["no such file"]),
+    "merge missing adapter": lambda c: Case(["merge", str(c.root / "gone"), "-o", str(c.root / "m")], 2,
+                                            ["no such adapter directory"]),
+    "merge into the adapter": lambda c: _merge_into(c, "itself"),
+    "merge into the run": lambda c: _merge_into(c, "run"),
+    "merge inside the adapter": lambda c: _merge_into(c, "inside"),
+    "merge output is a file": lambda c: Case(["merge", str(c.adapter), "-o", c.data("x", "file.txt")], 2,
+                                             ["is a file"]),
+    "merge output not empty": lambda c: (c.data("x", "out/x"), Case(
+        ["merge", str(c.adapter), "-o", str(c.root / "out")], 2, ["not empty", "--force"]))[1]
+        if (c.root / "out").mkdir() is None else None,
+    "merge weights text": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--weights", "a"], 2,
+                                         ["--weights"]),
+    "merge weights count": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--weights", "1,2"], 2,
+                                          ["2 values for 1 adapters"]),
+    "merge weights nan": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--weights", "nan"], 2,
+                                        ["finite"]),
+    "merge dtype": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--dtype", "int8"], 2, ["int8"]),
+    "merge into": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--into", "nf4"], 2, ["nf4"]),
+    "eval metric": lambda c: Case(["eval", str(c.adapter), "--metric", "rogue"], 2, ["rogue"]),
+    "generate adapter syntax": lambda c: Case(["generate", str(c.adapter), "--adapter", "nodir", "-p", "x"], 2,
+                                              ["NAME=DIR"]),
+    "generate unknown use": lambda c: Case(["generate", str(c.adapter), "--use", "other", "-p", "x"], 2,
+                                           ["no adapter named 'other'"]),
+    "generate bad extra adapter": lambda c: Case(["generate", str(c.adapter), "--adapter", f"b={c.root}", "-p", "x"],
+                                                 2, ["no adapter_config.json"]),
+    "generate :use unknown keeps going": lambda c: Case(
+        ["generate", str(c.adapter), "--max-new-tokens", "2"], 0, ["no adapter named 'nope'"],
+        stdin="1+1=\n:use nope\n2+2=\n"),
+    "markup in a path": lambda c: Case(["train", str(c.root / "[/x]" / "c.yaml")], 2, ["[/x]"]),
+    "markup red in a path": lambda c: Case(["eval", "./[red]gone"], 2, ["[red]gone"]),
+    "markup in data": lambda c: Case(["data", "preview", c.with_data('{"[/b]": "x"}\n')], 2, ["(it has [/b])"]),
+    # --- adapters ----------------------------------------------------------------------
+    "adapter config invalid json": lambda c: (
+        (c.adapter / "adapter_config.json").write_text("{not json"),
+        Case(["inspect", str(c.adapter)], 2, ["adapter_config.json", "not valid JSON"]))[1],
+    "adapter config a list": lambda c: (
+        (c.adapter / "adapter_config.json").write_text("[1, 2]"),
+        Case(["eval", str(c.adapter)], 2, ["expected a JSON object"]))[1],
+    "adapter not lora": lambda c: Case(["inspect", c.peft(peft_type="IA3")], 2, ["peft_type is 'IA3'"]),
+    "adapter dora": lambda c: Case(["merge", c.peft(use_dora=True), "-o", str(c.root / "m")], 2, ["use_dora", "DoRA"]),
+    "adapter pissa": lambda c: Case(["merge", c.peft(init_lora_weights="pissa"), "-o", str(c.root / "m")], 2,
+                                    ["init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
+    "adapter pissa niter": lambda c: Case(["eval", c.peft(init_lora_weights="pissa_niter_4")], 2, ["pissa_niter_4"]),
+    "adapter olora": lambda c: Case(["generate", c.peft(init_lora_weights="olora"), "-p", "x"], 2, ["olora"]),
+    "adapter corda": lambda c: Case(["inspect", c.peft(init_lora_weights="corda")], 2, ["corda"]),
+    "adapter loftq": lambda c: Case(["inspect", c.peft(init_lora_weights="loftq", loftq_config={"loftq_bits": 4})], 2,
+                                    ["loftq"]),
+    "adapter unknown init": lambda c: Case(["inspect", c.peft(init_lora_weights="orthogonal")], 2, ["orthogonal"]),
+    "adapter alora": lambda c: Case(["eval", c.peft(alora_invocation_tokens=[1, 2])], 2, ["alora_invocation_tokens"]),
+    "adapter lora bias": lambda c: Case(["inspect", c.peft(lora_bias=True)], 2, ["lora_bias"]),
+    "adapter target parameters": lambda c: Case(["inspect", c.peft(target_parameters=["w"])], 2, ["target_parameters"]),
+    "adapter trainable tokens": lambda c: Case(["inspect", c.peft(trainable_token_indices=[1])], 2,
+                                               ["trainable_token_indices"]),
+    "adapter layer replication": lambda c: Case(["inspect", c.peft(layer_replication=[[0, 1]])], 2,
+                                                ["layer_replication"]),
+    "adapter qalora": lambda c: Case(["inspect", c.peft(use_qalora=True)], 2, ["use_qalora"]),
+    "adapter future key": lambda c: Case(["inspect", c.peft(use_hyperlora={"depth": 2})], 2,
+                                         ["use_hyperlora", "unknown to lorakit"]),
+    "adapter no targets": lambda c: Case(["inspect", c.peft(target_modules=None)], 2, ["no target_modules"]),
+    "adapter r text": lambda c: Case(["inspect", c.peft(r="eight")], 2, ["r:"]),
+    "adapter r zero": lambda c: Case(["inspect", c.peft(r=0)], 2, ["r:"]),
+    "adapter alpha negative": lambda c: Case(["inspect", c.peft(lora_alpha=-4)], 2, ["lora_alpha"]),
+    "adapter bias kind": lambda c: Case(["inspect", c.peft(bias="some")], 2, ["bias"]),
+    "adapter catastrophic rank pattern": lambda c: Case(["inspect", c.peft(rank_pattern={"(a|aa)+$": 2})], 2,
+                                                        ["rank_pattern", "repeats"]),
+    "adapter catastrophic target regex": lambda c: Case(["eval", c.peft(target_modules="(.*)*q_proj")], 2,
+                                                        ["target_modules", "repeats"]),
+    "adapter pickle only": _pickle_only,
+    "adapter pickle only eval": _pickle_only_eval,
+    "adapter truncated weights": lambda c: (
+        (c.adapter / "adapter_model.safetensors").write_bytes(
+            (c.adapter / "adapter_model.safetensors").read_bytes()[:200]),
+        Case(["inspect", str(c.adapter)], 2, ["adapter_model.safetensors", "truncated or corrupt"]))[1],
+    "adapter weights garbage": lambda c: (
+        (c.adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 64),
+        Case(["merge", str(c.adapter), "-o", str(c.root / "m")], 2, ["truncated or corrupt"]))[1],
+    "adapter nan inspect": lambda c: Case(["inspect", _nan(c)], 2, ["NaN"]),
+    "adapter nan eval": lambda c: Case(["eval", _nan(c), "--limit", "1"], 2, ["NaN"]),
+    "adapter nan generate": lambda c: Case(["generate", _nan(c), "-p", "x"], 2, ["NaN"]),
+    "adapter nan merge": lambda c: Case(["merge", _nan(c), "-o", str(c.root / "m")], 2, ["NaN"]),
+    "adapter inf": lambda c: Case(["inspect", c.tensors(lambda s: s.__setitem__(
+        next(iter(s)), torch.full_like(next(iter(s.values())), float("inf"))))], 2, ["infinite"]),
+    "adapter integer tensor": lambda c: Case(["inspect", c.tensors(lambda s: s.__setitem__(
+        next(iter(s)), next(iter(s.values())).to(torch.int32)))], 2, ["int32", "floating point"]),
+    "adapter wrong shape": lambda c: Case(["eval", c.tensors(lambda s: s.__setitem__(
+        c.first("lora_A.weight"), torch.zeros(4, 16)))], 2, ["does not fit", "has shape (4, 16)"]),
+    "adapter extra tensor": lambda c: Case(["eval", c.tensors(lambda s: s.__setitem__(
+        "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", torch.zeros(4, 64)))], 2,
+        ["does not fit", "up_proj"]),
+    "adapter missing tensor": lambda c: Case(["eval", c.tensors(lambda s: s.pop(c.first("lora_B.weight")))], 2,
+                                             ["does not fit", "no tensor for"]),
+    "adapter for another base": lambda c: Case(["eval", str(c.adapter), "--base", save_tiny_model(
+        c.root / "wide", hidden=96)], 2, ["does not fit", "the model needs"]),
+    "adapter inspect against another base": lambda c: Case(["inspect", str(c.adapter), "--base", save_tiny_model(
+        c.root / "wide", hidden=96)], 2, ["does not fit"]),
+    "adapter saved config python tag": lambda c: (
+        (c.adapter / SAVED_CONFIG).write_text(f"!!python/object/apply:pathlib.Path.touch [{str(c.root / MARKER)!r}]\n"),
+        Case(["eval", str(c.adapter)], 2, [SAVED_CONFIG, "not valid YAML"], absent=[c.root / MARKER]))[1],
+    "adapter saved template attribute": lambda c: (
+        (c.adapter / SAVED_CONFIG).write_text(yaml.safe_dump({**yaml.safe_load((c.adapter / SAVED_CONFIG).read_text()),
+            "data": {"train": "x.jsonl", "prompt_template": "{question.__init__.__globals__}"}})),
+        Case(["eval", str(c.adapter)], 2, [SAVED_CONFIG, "not a field name"]))[1],
+    "adapter remote code ignored": lambda c: _remote_code(c, base_flag=False),
+    "adapter remote code ignored with base": lambda c: _remote_code(c, base_flag=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, tmp_path, tiny_model_dir, good_adapter, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(good_adapter, tmp_path / "adapter")
+    ctx = Ctx(tmp_path, tiny_model_dir, tmp_path / "adapter")
+    case = CASES[name](ctx)
+    before = {p: p.read_bytes() for p in case.intact}
+    result = runner.invoke(app, case.args, input=case.stdin)
+    output = result.output
+    assert result.exit_code == case.code, f"{name}: exit {result.exit_code}\n{output}"
+    for text in case.says:
+        assert text in output, f"{name}: {text!r} not in\n{output}"
+    assert "Traceback" not in output and "unexpected" not in output, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for path in case.absent:
+        assert not path.exists(), f"{name}: {path} was written: planted code ran"
+    for path, data in before.items():
+        assert path.is_file() and path.read_bytes() == data, f"{name}: {path} was changed or deleted"
+
+
+def test_there_are_at_least_a_hundred_cases():
+    assert len(CASES) >= 100

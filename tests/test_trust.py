@@ -1,0 +1,309 @@
+"""What lorakit guarantees beyond clean refusals: exact loading, exact resume, atomic
+writes, the step's loss over all its tokens, and no silent change to what is not adapted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import build, logits, randomize_lora, save_tiny_model, tiny_config
+from lorakit import LoraConfig, add_lora, load_adapter, save_adapter, unload_lora
+from lorakit.adapter_io import _IMPLEMENTED, _METADATA, _NOT_IMPLEMENTED
+from lorakit.cli import app
+from lorakit.config import validate_config
+from lorakit.errors import TrainingInterrupted
+from lorakit.files import atomic_directory, recover_directory
+from lorakit.inject import lora_modules, merge_lora
+from lorakit.train import train
+
+peft = pytest.importorskip("peft")
+runner = CliRunner()
+
+
+def _run(raw, **kw):
+    return train(validate_config(raw, "test"), **kw)
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_every_peft_setting_is_classified():
+    """A new PEFT key must be decided on (implemented, metadata, or refused unless off)."""
+    known = _IMPLEMENTED | _METADATA | set(_NOT_IMPLEMENTED)
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - known == set(), "PEFT keys lorakit has not classified"
+
+
+def test_exclude_modules_loads_exactly_as_peft(ids, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             exclude_modules=["model.layers.0.self_attn.q_proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(build("llama"), config)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "a")
+    ours = load_adapter(build("llama"), tmp_path / "a")
+    assert "model.layers.0.self_attn.q_proj" not in lora_modules(ours) and len(lora_modules(ours)) == 3
+    assert (logits(ours, ids) - logits(theirs.eval(), ids)).abs().max() <= 1e-5
+
+
+def test_adapter_config_is_the_one_description(ids, tmp_path):
+    """An edited lora_alpha in adapter_config.json is what loads and what inspect prints,
+    whatever an old lorakit side file says."""
+    model = add_lora(build("llama"), LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / "lorakit_adapter.json").write_text(json.dumps({"r": 4, "alpha": 8.0}))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["lora_alpha"] = 16
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    ours = load_adapter(build("llama"), tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "a").eval()
+    assert all(m.scaling == 4.0 for m in lora_modules(ours).values())
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-5
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "a")])
+    assert shown.exit_code == 0 and "alpha=16, scaling=4" in shown.output
+
+
+def test_refused_adapter_leaves_the_model_untouched(tmp_path):
+    model = add_lora(build("gpt2"), LoraConfig(r=2, target_modules=["q", "v"]))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "a")
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("c_attn.lora_B.weight"))
+    state[key] = torch.randn_like(state[key])  # retrained elsewhere: no longer block-structured
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "a" / "adapter_model.safetensors")
+    target = add_lora(build("gpt2"), LoraConfig(r=2, target_modules=["q", "v"]))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(Exception, match="not block-structured"):
+        load_adapter(target, tmp_path / "a")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    # On a model without LoRA layers it loads as the plain rank-4 LoRA PEFT also sees.
+    assert load_adapter(build("gpt2"), tmp_path / "a") is not None
+
+
+def test_lora_on_a_tied_head_never_moves_the_embeddings(ids):
+    model = build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    embeddings = model.transformer.wte.weight.detach().clone()
+    add_lora(model, LoraConfig(r=4, target_modules=["lm_head"]))
+    randomize_lora(model)
+    expected = logits(model, ids)
+    merge_lora(model)
+    assert torch.equal(model.transformer.wte.weight, embeddings)
+    assert (logits(model, ids) - expected).abs().max() <= 1e-5
+    plain = unload_lora(model)
+    assert plain.config.tie_word_embeddings is False
+    assert torch.equal(plain.transformer.wte.weight, embeddings)
+
+
+def test_merge_with_one_weighted_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "a")
+    result = runner.invoke(app, ["merge", str(tmp_path / "a"), "-o", str(tmp_path / "m"), "--base", tiny_model_dir,
+                                 "--weights", "0.5"])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.mul_(0.5)
+    ids = torch.randint(3, 200, (2, 9))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert (logits(merged, ids) - logits(model, ids)).abs().max() <= 1e-4
+
+
+def test_atomic_directory_survives_a_kill_between_renames(tmp_path):
+    final = tmp_path / "adapter"
+    with atomic_directory(final) as tmp:
+        (tmp / "v").write_text("1")
+    # A kill after the old version moved aside and before the new one arrived:
+    os.replace(final, tmp_path / ".adapter.old")
+    (tmp_path / ".adapter.tmp").mkdir()
+    (tmp_path / ".adapter.tmp" / "v").write_text("half")
+    recover_directory(final)
+    assert (final / "v").read_text() == "1" and not (tmp_path / ".adapter.tmp").exists()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final) as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError("killed mid-write")
+    assert (final / "v").read_text() == "1" and not list(tmp_path.glob(".adapter.*"))
+
+
+def test_step_loss_is_the_mean_over_all_its_tokens(tiny_model_dir, tmp_path):
+    """grad_accum micro-batches with unequal label counts train exactly like one batch."""
+    rows = [{"question": f"{i}+{i}=", "answer": str(i * 7919)[: 1 + i % 4]} for i in range(64)]
+    data = tmp_path / "uneven.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for name, batch, accum in (("whole", 8, 1), ("split", 4, 2)):
+        raw = tiny_config(tmp_path, tiny_model_dir, max_steps=3, batch_size=batch, grad_accum=accum,
+                          output_dir=str(tmp_path / name))
+        raw["data"].update(train=str(data), group_by_length=False)
+        runs[name] = _run(raw)
+    whole, split = _adapter(tmp_path / "whole"), _adapter(tmp_path / "split")
+    assert all(torch.allclose(whole[k], split[k], atol=1e-6) for k in whole)
+    losses = [[r["loss"] for r in runs[n].history if "loss" in r] for n in ("whole", "split")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=8, grad_accum=2, output_dir=str(tmp_path / "whole"))
+    raw["lora"]["dropout"] = 0.2  # masks drawn from the RNG: resume must restore it as the step began
+    _run(raw)
+    reference = _adapter(tmp_path / "whole")
+
+    import lorakit.train as train_module
+
+    real = train_module.load_model
+    calls = {"n": 0}
+
+    def load(cfg, device):
+        model = real(cfg, device)
+
+        def hook(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 7:  # mid-step 4 (micro-batches 7 and 8)
+                    os.kill(os.getpid(), signal.SIGINT)
+            return output
+
+        model.lm_head.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", load)
+    raw["training"]["output_dir"] = str(tmp_path / "stopped")
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 4"):
+        _run(raw)
+    monkeypatch.undo()
+    assert _run(raw, resume=True).steps == 8
+    resumed = _adapter(tmp_path / "stopped")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tiny_model_dir, tmp_path, caplog):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=6, save_every=2, keep_checkpoints=3)
+    _run(raw)
+    reference = _adapter(tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step-6" / "optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    raw["training"]["max_steps"] = 6
+    result = _run(raw, resume=True)
+    assert result.steps == 6 and "step-6 is damaged" in caplog.text and "optimizer.pt" in caplog.text
+    resumed = _adapter(tmp_path / "run")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # redone from step 4, exactly
+
+
+def test_recovery_settings_may_change_on_resume_and_are_recorded(tiny_model_dir, tmp_path, caplog):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
+    _run(raw)
+    raw["training"].update(lr=1e-3, max_grad_norm=0.5, max_steps=6)
+    (tmp_path / "run" / "adapter").rename(tmp_path / "first")
+    result = _run(raw, resume=True)
+    assert result.steps == 6
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if "resumed_with" in r]
+    assert resumed and resumed[0]["resumed_with"]["lr"] == [1e-2, 1e-3] and "max_steps" in resumed[0]["resumed_with"]
+    assert "training.lr changed" in caplog.text and "schedule is now laid over the new length" in caplog.text
+    lrs = [r["lr"] for r in records if "lr" in r and r["step"] > 4]
+    assert lrs and max(lrs) <= 1e-3
+
+
+def test_changed_training_data_is_reported_on_resume(tiny_model_dir, tmp_path, caplog):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
+    _run(raw)
+    with open(raw["data"]["train"], "a") as f:
+        f.write(json.dumps({"question": "9+9=", "answer": "18"}) + "\n")
+    raw["training"]["max_steps"] = 4
+    (tmp_path / "run" / "adapter").rename(tmp_path / "first")
+    _run(raw, resume=True)
+    assert "the training data changed since the checkpoint (64 examples" in caplog.text
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.train as train_module
+
+    real = train_module._build_optimizer
+
+    class Poisoning(torch.optim.AdamW):
+        def step(self, closure=None):
+            super().step(closure)
+            self.count = getattr(self, "count", 0) + 1
+            if self.count == 3:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].fill_(float("nan"))
+
+    monkeypatch.setattr(train_module, "_build_optimizer", lambda params, t: Poisoning(params, lr=t.lr))
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=6, save_every=1)
+    with pytest.raises(Exception, match="NaN or infinite|loss became nan"):
+        _run(raw)
+    from lorakit.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert saved and saved[-1].name == "step-2"
+    assert real is not None
+
+
+def test_lazy_cli_imports_neither_torch_nor_transformers():
+    import subprocess
+
+    code = ("import sys; from typer.testing import CliRunner; from lorakit.cli import app; "
+            "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0; "
+            "import lorakit; lorakit.__version__; "
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_config_show_imports_no_torch(tmp_path):
+    import subprocess
+
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": {"train": str(tmp_path / "t.jsonl")},
+                                                     "training": {"max_steps": 1}}))
+    code = ("import sys; from lorakit.cli import main\ntry:\n    main(['config', 'show', sys.argv[1]])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.yaml")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_import_direction():
+    """cli → orchestrators → components; config, errors and the math import no HF/Accelerate;
+    nothing imports cli."""
+    import ast
+
+    root = Path(__file__).parent.parent / "lorakit"
+    imports = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        imports[path.stem] = names
+    assert not any("lorakit.cli" in names for stem, names in imports.items() if stem != "cli")
+    heavy = ("transformers", "accelerate", "datasets", "peft")
+    for light in ("config", "errors", "lora", "fastpath", "files"):
+        assert not any(n.split(".")[0] in heavy for n in imports[light]), light
+    for light in ("config", "errors", "files"):
+        assert "torch" not in {n.split(".")[0] for n in imports[light]}, light
+    assert not any(n.split(".")[0] == "peft" for names in imports.values() for n in names)  # a test peer only
