@@ -42,10 +42,11 @@ _IMPLEMENTED = {
     "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
     "init_lora_weights", "fan_in_fan_out",
 }
-# Keys that describe the file, not the function the adapter computes.
+# Keys that describe the file, not the function the adapter computes (or settings used only
+# to initialise it, such as EVA's: after training, the saved A and B are all there is).
 _METADATA = {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "runtime_config", "megatron_core", "qalora_group_size",
+    "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "eva_config",
 }
 # PEFT settings lorakit does not implement: accepted only at their default (off), and
 # what each one would change, for the refusal message.

@@ -236,7 +236,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
             load_adapter(model, path / "adapter")
         else:
             load_model(model, str(path / "model.safetensors"))
-    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
+    try:  # tensors and plain containers only: a pickle that asks to run code is refused
+        moments = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — torch raises several kinds for a hostile or damaged file
+        raise ResumeError(f"{path / 'optimizer.pt'}: not a plain tensor file, refused ({type(e).__name__})") from None
+    load_optimizer_state(model, optimizer, moments)
     scheduler.load_state_dict(state["scheduler"])
     if "lr" in changes:  # the schedule keeps its shape and position, scaled to the new peak
         scheduler.base_lrs = [config.training.lr for _ in scheduler.base_lrs]
