@@ -134,6 +134,19 @@ def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
         raise LoraError(f"{source}: invalid values:\n  - " + "\n  - ".join(lines)) from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 @dataclass
 class Adapter:
     """An adapter directory, read and checked: its config and its tensors under PEFT's keys."""
@@ -157,9 +170,11 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, str |
     if not file.is_file():
         raise LoraError(f"{path}: no {CONFIG_NAME} here; is this an adapter directory?")
     try:
-        peft = json.loads(file.read_text(encoding="utf-8"))
+        peft = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoraError(f"{file}: not valid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise LoraError(f"{file}: the key {e.args[0]!r} is given twice; tools disagree on which one counts") from None
     config = config_from_peft(peft, str(file))
     return config, peft.get("base_model_name_or_path") or None
 

@@ -12,10 +12,11 @@ import os
 import re
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator,
+                      model_validator)
 from pydantic.dataclasses import dataclass
 
 from lorakit.errors import ConfigError
@@ -25,7 +26,11 @@ DEFAULT_MODEL = "default"
 SAVED_CONFIG = "training_config.yaml"
 
 
-@dataclass(config=ConfigDict(extra="forbid"))
+# An integer that must be written as one: YAML's `true` or JSON's "8" is not a rank.
+Count = Annotated[int, Strict()]
+
+
+@dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
 class LoraConfig:
     """What to adapt and how.
 
@@ -49,7 +54,7 @@ class LoraConfig:
         alpha_pattern: per-module alpha, the same way.
     """
 
-    r: int = 8
+    r: Count = 8
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
@@ -57,10 +62,10 @@ class LoraConfig:
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     modules_to_save: list[str] | None = None
-    layers: list[int] | None = None
+    layers: list[Count] | None = None
     layers_pattern: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
-    rank_pattern: dict[str, int] | None = None
+    rank_pattern: dict[str, Count] | None = None
     alpha_pattern: dict[str, float] | None = None
 
     @field_validator("r")
@@ -182,7 +187,7 @@ def check_regex(pattern: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class QuantizationConfig(_Section):
@@ -407,6 +412,9 @@ def _file_problems(raw: dict) -> list[str]:
             problems.append(f"data.{key}: {problem}")
         elif isinstance(value, str) and looks_local(value) and Path(value).expanduser().is_dir():
             problems.append(f"data.{key}: {value!r} is a directory; name a .jsonl, .json, .csv or .parquet file")
+    output = _raw_section(raw, "training").get("output_dir")
+    if isinstance(output, str) and Path(output).expanduser().exists() and not Path(output).expanduser().is_dir():
+        problems.append(f"training.output_dir: {output!r} is a file, not a directory")
     name = _raw_section(raw, "model").get("name_or_path")
     if isinstance(name, str) and name != DEFAULT_MODEL and (problem := missing_path(name)):
         problems.append(f"model.name_or_path: {problem}")

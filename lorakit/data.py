@@ -170,7 +170,10 @@ def _check_messages(messages, where: str) -> list[dict]:
 
 
 def _chat(tokenizer, messages: list[dict], **kw) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    except Exception as e:  # noqa: BLE001 — a template may raise anything (jinja's own errors included)
+        raise DataError(f"the model's chat template cannot render these messages: {type(e).__name__}: {e}") from None
 
 
 def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -259,6 +262,10 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     """Tokenize a split and collect the problems that silently ruin runs: an EOS that
     never carries loss, completions cut away by ``max_length``, nothing or everything trained."""
     source = cfg.train if split == "train" else cfg.validation
+    if (cfg.format == "chat" or cfg.chat_template) and not getattr(tokenizer, "chat_template", None):
+        key = "data.format: chat" if cfg.format == "chat" else "data.chat_template: true"
+        raise DataError(f"{key} needs the model's chat template, and this tokenizer has none; use "
+                        "format prompt_completion without chat_template, or a model that ships a template")
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
     examples, lengths = [], []
     over = trained = total = 0

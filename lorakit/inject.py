@@ -223,9 +223,12 @@ def plan_injection(model: nn.Module, config: LoraConfig, strict: bool = True) ->
         if roles:
             rows = _fused_rows(model, name, modules[name])
             sizes = tuple(len(rows[role]) for role in roles)
-        if r > min(d_in, *(sizes or (d_out,))):
+        if strict and r > min(d_in, *(sizes or (d_out,))):  # PEFT allows it: adapters may carry it
             too_big.append(f"{name} r={r}, {d_in} → {d_out}{', slices ' + str(list(sizes)) if sizes else ''}")
         plan[name] = Target(name, d_in, d_out, r, alpha, tuple(roles), sizes)
+    for entry in config.modules_to_save or []:
+        if not any(n and _matches(n, entry) for n in modules):
+            raise LoraError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}")
     if too_big:
         raise LoraError(f"lora.r is larger than the dimensions of {len(too_big)} targeted layer(s), e.g. "
                         f"{too_big[0]}: a rank above min(d_in, d_out) adds parameters and no capacity; lower lora.r")

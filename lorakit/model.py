@@ -82,17 +82,33 @@ def resolve_model_path(name_or_path: str) -> str:
     if problem:  # a path, not a hub id: never ask the hub about it
         raise ModelLoadError(f"model {problem}")
     path = Path(name_or_path).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path} is a LoRA adapter, not a model: name its base model here, or merge "
+                             "it first (lorakit merge) to get a model")
     if path.suffix == ".gguf":
-        return str(convert_gguf(path))
+        try:
+            return str(convert_gguf(path))
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 — a damaged GGUF file fails in many ways
+            raise ModelLoadError(f"{name_or_path}: cannot read it as a GGUF model ({type(e).__name__}: {e})") from None
     return str(path) if path.exists() else name_or_path
+
+
+def _remote_hint(error: Exception) -> str:
+    if "trust_remote_code" not in str(error):
+        return ""
+    return (" (lorakit: the model ships its own Python code; only if you trust it, pass --trust-remote-code "
+            "or set model.trust_remote_code: true in your own config)")
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's transformers config alone (no weights are read)."""
+    path = resolve_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {e}") from e
+        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {e}{_remote_hint(e)}") from None
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
@@ -112,12 +128,12 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     """The tokenizer, with a pad token (the EOS token when the model has none)."""
+    path = path or resolve_model_path(cfg.name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path or resolve_model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.name_or_path: cannot load a tokenizer from {cfg.name_or_path!r}: {e}") from e
+        raise ModelLoadError(f"model.name_or_path: cannot load a tokenizer from {cfg.name_or_path!r}: {e}"
+                             f"{_remote_hint(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -141,7 +157,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
+        raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}{_remote_hint(e)}") from None
     if cfg.name_or_path == DEFAULT_MODEL:
         # Adapters name their base; the hub id is what PEFT and serving engines can fetch.
         model.config._name_or_path = model.name_or_path = DEFAULT_HUB_ID

@@ -153,6 +153,16 @@ def _merge_into(c: Ctx, where: str) -> Case:
                 intact=[weights])
 
 
+def _no_chat_template(c: Ctx) -> str:
+    plain = c.root / "plain"
+    shutil.copytree(c.model, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    return c.config(lambda r: (r["model"].update(name_or_path=str(plain)), r["data"].update(chat_template=True)))
+
+
 def _nan(c: Ctx) -> str:
     key = c.first("lora_B.weight")
     return c.tensors(lambda s: s.__setitem__(key, s[key] * float("nan")))
@@ -242,6 +252,21 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         lambda r: r["lora"].update(exclude_modules=["q_proj", "v_proj"]))], 2, ["matched no layer"]),
     "config paged optimizer on cpu": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(optimizer="paged_adamw_8bit"))], 2, ["paged_adamw_8bit needs a CUDA GPU"]),
+    "config r is a boolean": lambda c: Case(["train", c.config(lambda r: r["lora"].update(r=True))], 2, ["lora.r"]),
+    "config alpha infinite": lambda c: Case(["train", c.config(lambda r: r["lora"].update(alpha=float("inf")))], 2,
+                                            ["lora.alpha", "finite"]),
+    "config lr nan": lambda c: Case(["train", c.config(lambda r: r["training"].update(lr=float("nan")))], 2,
+                                    ["training.lr"]),
+    "config output_dir is a file": lambda c: Case(["train", c.config(
+        lambda r: r["training"].update(output_dir=c.data("x", "out.txt")))], 2, ["training.output_dir", "is a file"]),
+    "config modules_to_save missing": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(modules_to_save=["score"]))], 2, ["modules_to_save entry 'score'"]),
+    "config model is an adapter": lambda c: Case(["train", c.config(
+        lambda r: r["model"].update(name_or_path=str(c.adapter)))], 2, ["is a LoRA adapter, not a model"]),
+    "config model corrupt gguf": lambda c: Case(["train", c.config(
+        lambda r: r["model"].update(name_or_path=c.data(b"GGUF garbage", "m.gguf")))], 2, ["m.gguf", "GGUF"]),
+    "config chat template missing": lambda c: Case(["train", _no_chat_template(c)], 2,
+                                                   ["data.chat_template", "has none"]),
     "config fp16 on cpu": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(mixed_precision="fp16"))], 2, ["fp16 needs a CUDA GPU"]),
     "set without equals": lambda c: Case(["train", c.config(), "--set", "lora.r"], 2, ["expected KEY=VALUE"]),
@@ -379,6 +404,18 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "adapter qalora": lambda c: Case(["inspect", c.peft(use_qalora=True)], 2, ["use_qalora"]),
     "adapter future key": lambda c: Case(["inspect", c.peft(use_hyperlora={"depth": 2})], 2,
                                          ["use_hyperlora", "unknown to lorakit"]),
+    "adapter duplicate json key": lambda c: (
+        (c.adapter / "adapter_config.json").write_text(
+            (c.adapter / "adapter_config.json").read_text().replace('"lora_alpha"', '"lora_alpha": 64, "lora_alpha"', 1)),
+        Case(["inspect", str(c.adapter)], 2, ["'lora_alpha' is given twice"]))[1],
+    "adapter alpha infinite": lambda c: (
+        (c.adapter / "adapter_config.json").write_text(
+            (c.adapter / "adapter_config.json").read_text().replace('"lora_alpha": 8.0', '"lora_alpha": Infinity', 1)),
+        Case(["inspect", str(c.adapter)], 2, ["lora_alpha", "finite"]))[1],
+    "adapter r boolean": lambda c: Case(["inspect", c.peft(r=True)], 2, ["r:"]),
+    "adapter config is a directory": lambda c: (
+        (c.adapter / "adapter_config.json").unlink(), (c.adapter / "adapter_config.json").mkdir(),
+        Case(["inspect", str(c.adapter)], 2, ["no adapter_config.json"]))[2],
     "adapter no targets": lambda c: Case(["inspect", c.peft(target_modules=None)], 2, ["no target_modules"]),
     "adapter r text": lambda c: Case(["inspect", c.peft(r="eight")], 2, ["r:"]),
     "adapter r zero": lambda c: Case(["inspect", c.peft(r=0)], 2, ["r:"]),
