@@ -523,12 +523,24 @@ def config_to_dict(config: Config) -> dict:
     return config.model_dump(mode="json")
 
 
-def read_saved_config(directory: str | os.PathLike) -> dict:
-    """The training config saved in an adapter or merged-model directory ({} if none)."""
+def read_saved_config(directory: str | os.PathLike) -> Config | None:
+    """The run's config saved beside an adapter or merged model (``None`` when there is none).
+
+    Read like any config (safely, strictly), but without the checks that concern starting
+    a run (its data files need not exist any more).
+
+    Raises:
+        ConfigError: a saved config that is not valid, naming the file.
+    """
     path = Path(directory) / SAVED_CONFIG
     if not path.is_file():
-        return {}
+        return None
     saved = read_yaml(path)
     if not isinstance(saved, dict):
         raise ConfigError(str(path), [f"expected a mapping of sections, got {type(saved).__name__}"])
-    return saved
+    try:
+        config = Config.model_validate(saved)
+    except ValidationError as e:
+        raise ConfigError(str(path), [_describe(err, saved) for err in e.errors()]) from None
+    config._source = str(path)
+    return config

@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
-from pydantic import ValidationError
-
-from lorakit.config import SAVED_CONFIG, DataConfig, ModelConfig, missing_path, read_saved_config
+from lorakit.config import DataConfig, ModelConfig, missing_path, read_saved_config
 from lorakit.data import IGNORE, row_field, collate, load_rows, render, tokenize
 from lorakit.errors import DataError, EvalError
 from lorakit.inject import remove_lora
@@ -50,21 +48,12 @@ def resolve_target(path: str, base: str | None = None, trust_remote_code: bool =
     if problem:
         raise EvalError(problem)
     directory = Path(path)
-    saved = read_saved_config(directory) if directory.is_dir() else {}
-    try:
-        data = DataConfig(**saved["data"]) if isinstance(saved.get("data"), dict) else None
-    except ValidationError as e:
-        raise EvalError(f"{directory / SAVED_CONFIG}: its data section is not valid: {e.errors()[0]['msg']}") from None
+    saved = read_saved_config(directory) if directory.is_dir() else None
+    data = saved.data if saved else None
     if (directory / CONFIG_NAME).is_file():
         model = adapter_base_config(directory, base, trust_remote_code)
-        quant = (saved.get("model") or {}).get("quantization")
-        if quant and base is None:  # score the model the adapter was trained with: the 4-bit base
-            try:
-                model = ModelConfig(**{**model.model_dump(), "quantization": quant,
-                                       "dtype": saved["model"].get("dtype", "auto")})
-            except ValidationError as e:
-                raise EvalError(f"{directory / SAVED_CONFIG}: model.quantization is not valid: "
-                                f"{e.errors()[0]['msg']}") from None
+        if saved and saved.model.quantization and base is None:  # score what the adapter was trained with
+            model = model.model_copy(update={"quantization": saved.model.quantization, "dtype": saved.model.dtype})
         return Target(model, directory, data)
     return Target(ModelConfig(name_or_path=base or path, trust_remote_code=trust_remote_code), None, data)
 

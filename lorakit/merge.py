@@ -141,11 +141,12 @@ def merge_adapters(
 
     model = load_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)
-    quant = (read_saved_config(adapters[0]).get("model") or {}).get("quantization")
+    saved = read_saved_config(adapters[0])
+    quant = saved.model.quantization if saved else None
     report_into, other_diff = None, None
-    if quant and quant.get("bits") == 4:
+    if quant and quant.bits == 4:
         layers = _quantizable(model)
-        rounded = {n: nf4_roundtrip(m.weight.data, quant["quant_type"], quant["double_quant"]) for n, m in layers.items()}
+        rounded = {n: nf4_roundtrip(m.weight.data, quant.quant_type, quant.double_quant) for n, m in layers.items()}
         original = {n: m.weight.data for n, m in layers.items()}
         report_into = into
         if into == "dequantized":

@@ -194,14 +194,14 @@ def adapter_base_config(adapter_dir: Path, base: str | None = None, trust_remote
     """
     from lorakit.adapter_io import read_adapter_config
 
-    saved = dict(read_saved_config(adapter_dir).get("model") or {})
-    if saved.get("trust_remote_code") and not trust_remote_code:
+    saved = read_saved_config(adapter_dir)
+    if saved and saved.model.trust_remote_code and not trust_remote_code:
         logger.warning("%s asks for trust_remote_code; lorakit ignores that setting in saved files and runs no "
                        "model code unless you pass --trust-remote-code yourself", adapter_dir)
     if base is not None:
         name = base
-    elif saved.get("name_or_path"):
-        name = saved["name_or_path"]
+    elif saved:
+        name = saved.model.name_or_path
     else:
         name = read_adapter_config(adapter_dir)[1]
         if not name:
