@@ -144,6 +144,14 @@ class _Throughput:
     def reset(self) -> None:
         self.loss, self.tokens, self.start = 0.0, 0, time.perf_counter()
 
+    def record(self, step: int, steps: int, lr: float) -> dict:
+        """The metrics of the last ``steps`` steps (mean loss, tokens/s), then a fresh window."""
+        elapsed = time.perf_counter() - self.start
+        record = {"step": step, "loss": self.loss / steps, "lr": lr, "tokens": self.tokens, "seconds": elapsed,
+                  "tokens_per_s": self.tokens / elapsed}
+        self.reset()
+        return record
+
     def paused(self):
         meter = self
 
@@ -180,32 +188,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
     t = cfg.training
     out = Path(t.output_dir)
     checkpoints = out / "checkpoints"
-    earlier = (out / "adapter").exists() or (out / "model").exists() or list_checkpoints(checkpoints)
-    if earlier and not (resume or overwrite):
-        raise InputError(f"{out} already holds a run; continue it with --resume, "
-                         "or start over with --overwrite (deletes its checkpoints)")
-    if resume and not list_checkpoints(checkpoints):
-        raise InputError(f"--resume: no complete checkpoint in {checkpoints}")
+    _check_output(out, checkpoints, resume, overwrite)
     preflight(cfg)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=t.mixed_precision,
-        # A dead peer must end the others' collectives in minutes, not NCCL's default 30.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
-    )
+    accelerator = _accelerator(t)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    _start_processes(accelerator, main)
     set_seed(t.seed)
 
     # Build: tokenizer and data first, so bad data fails before the model loads.
     tokenizer = load_tokenizer(cfg.model)
-    train_set = build_examples(cfg.data, tokenizer, "train")
-    if cfg.data.packing:
-        train_set = pack(train_set, cfg.data.max_length, t.seed)
-    val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
-    if len(train_set) < t.batch_size * world:
-        raise DataError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
-                        f"({t.batch_size} × {world} processes)")
+    train_set, val_set = _datasets(cfg, tokenizer, world)
     model = load_model(cfg.model, accelerator.device)
     if cfg.method == "lora":
         add_lora(model, cfg.lora)
@@ -264,11 +255,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
                         stats = accelerator.reduce(torch.tensor(
                             [loss.item(), sum(len(e["input_ids"]) for e in examples), float(stop.requested)],
                             device=loss.device), "sum")
-                        if not math.isfinite(stats[0].item()):
-                            last = list_checkpoints(checkpoints)
-                            kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-                            raise TrainingError(f"the loss became {stats[0].item()} at step {step + 1}{kept}. Try a "
-                                                "lower training.lr or training.max_grad_norm (both may change on --resume)")
+                        _stop_on_nonfinite(stats[0].item(), step + 1, checkpoints)
                         # Processes' gradients are averaged and Accelerate divides by grad_accum: undo both.
                         accelerator.backward(loss * world * t.grad_accum)
                         if accelerator.sync_gradients:
@@ -284,11 +271,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
                 step += 1
                 scheduler.step()
                 if step % t.log_every == 0 or step == n_steps:
-                    elapsed = time.perf_counter() - meter.start
-                    record = {"step": step, "loss": meter.loss / (step % t.log_every or t.log_every),
-                              "lr": scheduler.get_last_lr()[0], "tokens": meter.tokens, "seconds": elapsed,
-                              "tokens_per_s": meter.tokens / elapsed}
-                    meter.reset()
+                    record = meter.record(step, step % t.log_every or t.log_every, scheduler.get_last_lr()[0])
                     if main:
                         metrics.append(record)
                         progress.update(step, record)
@@ -329,6 +312,48 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group, so workers exit cleanly
     return RunResult(adapter_dir, step, metrics.history if main else [], main, trainable)
+
+
+def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -> None:
+    """An earlier run is never silently replaced, and --resume needs something to resume."""
+    earlier = (out / "adapter").exists() or (out / "model").exists() or list_checkpoints(checkpoints)
+    if earlier and not (resume or overwrite):
+        raise InputError(f"{out} already holds a run; continue it with --resume, "
+                         "or start over with --overwrite (deletes its checkpoints)")
+    if resume and not list_checkpoints(checkpoints):
+        raise InputError(f"--resume: no complete checkpoint in {checkpoints}")
+
+
+def _datasets(cfg: Config, tokenizer, world: int) -> tuple[list[dict], list[dict]]:
+    """Training examples (packed when asked) and validation examples, tokenized."""
+    t = cfg.training
+    train_set = build_examples(cfg.data, tokenizer, "train")
+    if cfg.data.packing:
+        train_set = pack(train_set, cfg.data.max_length, t.seed)
+    val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
+    if len(train_set) < t.batch_size * world:
+        raise DataError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
+                        f"({t.batch_size} × {world} processes)")
+    return train_set, val_set
+
+
+def _stop_on_nonfinite(loss: float, step: int, checkpoints: Path) -> None:
+    if not math.isfinite(loss):
+        last = list_checkpoints(checkpoints)
+        kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+        raise TrainingError(f"the loss became {loss} at step {step}{kept}. Try a lower training.lr or "
+                            "training.max_grad_norm (both may change on --resume)")
+
+
+def _accelerator(t: TrainingConfig) -> Accelerator:
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=t.mixed_precision,
+        # A dead peer must end the others' collectives in minutes, not NCCL's default 30.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
+    )
+    _start_processes(accelerator, accelerator.is_main_process)
+    return accelerator
 
 
 def _start_processes(accelerator: Accelerator, main: bool) -> None:
