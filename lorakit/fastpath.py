@@ -108,3 +108,36 @@ def is_bare_linear(layer: nn.Module) -> bool:
         and _GLOBAL_HOOKS is not None
         and not any(_GLOBAL_HOOKS)
     )
+
+
+def base_rows(base: nn.Module, bare: bool, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The base layer's output as ``(rows, d_out)``."""
+    if bare:
+        # On the rows, not on x: a 3-D F.linear folds and unfolds its input around the
+        # same matmul, a dozen more dispatches per call.
+        return F.linear(rows, base._parameters["weight"], base._parameters["bias"])
+    out = base(x)  # a hooked or quantized base gets the input it was called with
+    return out.reshape(-1, out.shape[-1])
+
+
+def add_update(result: torch.Tensor, a: torch.Tensor, B: torch.Tensor, scale: float, bare: bool) -> torch.Tensor:
+    """``result + scale · a·Bᵀ``, in place into ``result`` where that is exact."""
+    if bare and result.dtype == a.dtype == B.dtype:
+        # ``result`` is a fresh tensor from a bare base that no backward reads: accumulating
+        # into it allocates no second d_out-wide tensor (on the CPU, fresh memory costs page
+        # faults that outweigh the small matmul itself).
+        return result.addmm_(a, B.t(), alpha=scale)
+    delta = F.linear(a, B)
+    return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scale)
+
+
+def dense_linear(layer: nn.Module) -> nn.Linear:
+    """A bitsandbytes 4-bit layer as a plain float32 ``nn.Linear`` holding its dequantized weight."""
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    dense.to(device=layer.weight.device)
+    with torch.no_grad():
+        dense.weight.copy_(dequantized_weight(layer))
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    dense.requires_grad_(False)
+    return dense

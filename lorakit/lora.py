@@ -15,12 +15,14 @@ can carry adapters on some output slices only, as loralib's ``MergedLinear``: sl
 ``i`` owns rows ``r·i … r·(i+1)`` of A and its own block of B, and writes only to
 its output rows (``out_index``).
 
-Separate projections that read the same input (q, k and v of one attention; gate and
-up of one MLP) can form a ``SharedInput`` group while training: one dropout mask and one
-matmul against their stacked A factors serve them all, as loralib's ``MergedLinear``
-does for a fused qkv layer. The result for each layer is its own ``A·dropout(x)``.
+Why low rank (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
+the update a pretrained model needs for a new task has a low intrinsic rank, so ``B·A``
+with ``r ≪ min(d_in, d_out)`` captures it with a fraction of the parameters, and merging
+it leaves inference exactly as fast as the base.
 
-This module imports torch only; bitsandbytes is imported lazily for 4-bit bases.
+Speed-ups that do not change the formula (sibling projections sharing one dropout and one
+A matmul, plain layers called as ``F.linear``, bitsandbytes' quirks) live in
+``lorakit.fastpath``. This module imports torch only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.fastpath import SharedInput, dequantized_weight, is_4bit, is_bare_linear, unpack_cpu_4bit
+from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, is_4bit, is_bare_linear, unpack_cpu_4bit
 
 
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -119,7 +121,7 @@ class LoRALinear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
         if self.merged:
-            return self._base_forward(base, bare, x, rows).view(*lead, -1)
+            return base_rows(base, bare, x, rows).view(*lead, -1)
         # The down-projection before the base, while x is still in cache: the base's weight
         # matrix streams through the cache and evicts it (measured: a 1x8-token forward through
         # many adapters pays less this way round).
@@ -134,34 +136,16 @@ class LoRALinear(nn.Module):
             if a_in.dtype != A.dtype:
                 a_in = a_in.to(A.dtype)
             a = F.linear(a_in, A)  # (rows, r)
-        result = self._base_forward(base, bare, x, rows)
+        result = base_rows(base, bare, x, rows)
         B = modules["lora_B"]._parameters["weight"]
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
             delta = torch.cat(parts, -1) * self.scaling
             return result.index_add(-1, self.out_index, delta.to(result.dtype)).view(*lead, -1)
-        scale = self.scaling
         if grad:
             # Scale the rank-r intermediate: backward then pays for r columns, not d_out.
-            a, scale = a * scale, 1.0
-        if bare and result.dtype == a.dtype == B.dtype:
-            # ``result`` is a fresh tensor of our own that no backward reads: accumulating B·a
-            # into it allocates no second d_out-wide tensor (on the CPU, fresh memory costs
-            # page faults that outweigh the small matmul itself).
-            return result.addmm_(a, B.t(), alpha=scale).view(*lead, -1)
-        delta = F.linear(a, B)
-        return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype),
-                         alpha=scale).view(*lead, -1)
-
-    @staticmethod
-    def _base_forward(base: nn.Module, bare: bool, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The base layer's output as ``(rows, d_out)``."""
-        if bare:
-            # On the rows, not on x: a 3-D F.linear folds and unfolds its input around the
-            # same matmul, a dozen more dispatches per call.
-            return F.linear(rows, base._parameters["weight"], base._parameters["bias"])
-        out = base(x)  # a hooked or quantized base gets the input it was called with
-        return out.reshape(-1, out.shape[-1])
+            return add_update(result, a * self.scaling, B, 1.0, bare).view(*lead, -1)
+        return add_update(result, a, B, self.scaling, bare).view(*lead, -1)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` in the base weight's layout, computed in float32."""
@@ -216,22 +200,16 @@ class LoRALinear(nn.Module):
     def merged_linear(self) -> nn.Module:
         """The base layer with the update folded in, as a plain layer.
 
-        A 4-bit base becomes an ``nn.Linear`` holding its dequantized weight plus the
-        update (no re-quantization), in the layer's compute dtype.
+        A 4-bit base is first replaced by an ``nn.Linear`` holding its dequantized weight
+        (in the layer's compute dtype; nothing is re-quantized), then merged like any other.
         """
         if not is_4bit(self.base_layer):
             self.merge()
             return self.base_layer
-        base = self.base_layer
-        weight = dequantized_weight(base).float() + self.delta_weight()
-        dtype = base.compute_dtype or torch.float32
-        plain = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
-        plain.to(device=weight.device, dtype=dtype)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if base.bias is not None:
-                plain.bias.copy_(base.bias)
-        return plain
+        dtype = self.base_layer.compute_dtype or torch.float32
+        self.base_layer = dense_linear(self.base_layer)  # float32: the update is added before any rounding
+        self.merge()
+        return self.base_layer.to(dtype)
 
     def extra_repr(self) -> str:
         slices = f", slices={len(self.slice_sizes)}" if self.sliced else ""
