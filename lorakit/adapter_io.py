@@ -29,7 +29,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
 from lorakit.files import atomic_file
-from lorakit.inject import Target, add_lora, lora_modules, pattern_value, plan_injection
+from lorakit.inject import Target, add_lora, lora_modules, plan_injection
 from lorakit.lora import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.config import DataConfig, TrainingConfig, looks_local, template_fields
+from lorakit.config import DataConfig, TrainingConfig
+from lorakit.inputs import looks_local, template_fields
 from lorakit.errors import DataError
 
 logger = logging.getLogger("lorakit")

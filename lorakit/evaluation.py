@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
-from lorakit.config import DataConfig, ModelConfig, missing_path, read_saved_config
-from lorakit.data import IGNORE, row_field, collate, load_rows, render, tokenize
-from lorakit.errors import DataError, EvalError
+from lorakit.config import DataConfig, ModelConfig, read_saved_config
+from lorakit.data import load_rows, render, row_field, tokenize
+from lorakit.errors import EvalError
+from lorakit.inputs import missing_path
 from lorakit.inject import remove_lora
-from lorakit.loss import CausalLMLoss
+from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
 from lorakit.model import adapter_base_config, load_model, load_tokenizer
 
@@ -56,21 +57,6 @@ def resolve_target(path: str, base: str | None = None, trust_remote_code: bool =
             model = model.model_copy(update={"quantization": saved.model.quantization, "dtype": saved.model.dtype})
         return Target(model, directory, data)
     return Target(ModelConfig(name_or_path=base or path, trust_remote_code=trust_remote_code), None, data)
-
-
-@torch.no_grad()
-def evaluate_loss(loss_model: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
-    """Mean loss per trained token over ``examples``."""
-    was_training = loss_model.training
-    loss_model.eval()
-    total = count = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += loss_model(**batch).float().item() * n
-        count += n
-    loss_model.train(was_training)
-    return total / max(count, 1)
 
 
 def reference_of(row: dict, data: DataConfig, where: str = "data") -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data import IGNORE
+from lorakit.data import IGNORE, collate
 from lorakit.lora import is_bare_linear
 
 # Config attributes of heads that do more than a matmul (soft-capping, scaling):
@@ -149,3 +149,18 @@ class CausalLMLoss(nn.Module):
         n = int(keep.sum())
         # A micro-batch with nothing to predict adds nothing (its mean over no tokens is NaN).
         return loss * (n / normalizer) if n else torch.nan_to_num(loss) * 0.0
+
+
+@torch.no_grad()
+def evaluate_loss(loss_model: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+    """Mean loss per trained token over ``examples``."""
+    was_training = loss_model.training
+    loss_model.eval()
+    total = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += loss_model(**batch).float().item() * n
+        count += n
+    loss_model.train(was_training)
+    return total / max(count, 1)

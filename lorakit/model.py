@@ -19,7 +19,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from lorakit.config import DEFAULT_MODEL, ModelConfig, missing_path, read_saved_config
+from lorakit.config import DEFAULT_MODEL, ModelConfig, read_saved_config
+from lorakit.inputs import missing_path
 from lorakit.errors import ModelLoadError
 
 logger = logging.getLogger("lorakit")

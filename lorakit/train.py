@@ -36,11 +36,10 @@ from lorakit.checkpoint import capture_rng, list_checkpoints, load_checkpoint, n
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.errors import DataError, InputError, TrainingError, TrainingInterrupted
-from lorakit.evaluation import evaluate_loss
 from lorakit.files import atomic_directory
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
-from lorakit.loss import CausalLMLoss
+from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.model import load_model, load_tokenizer
 from lorakit.preflight import preflight
 from lorakit.sharding import local, whole_parameters

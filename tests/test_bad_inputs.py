@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import save_tiny_model, tiny_config, write_jsonl
+from conftest import save_tiny_model, tiny_config
 from lorakit import LoraConfig, add_lora, save_adapter
 from lorakit.cli import app
 from lorakit.config import SAVED_CONFIG, config_to_dict, validate_config

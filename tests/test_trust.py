@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import build, logits, randomize_lora, save_tiny_model, tiny_config
+from conftest import build, logits, randomize_lora, tiny_config
 from lorakit import LoraConfig, add_lora, load_adapter, save_adapter, unload_lora
 from lorakit.adapter_io import _IMPLEMENTED, _METADATA, _NOT_IMPLEMENTED
 from lorakit.cli import app
@@ -329,8 +329,8 @@ def test_import_direction():
         imports[path.stem] = names
     assert not any("lorakit.cli" in names for stem, names in imports.items() if stem not in ("cli", "__main__"))
     heavy = ("transformers", "accelerate", "datasets", "peft")
-    for light in ("config", "errors", "lora", "fastpath", "files"):
+    for light in ("config", "errors", "inputs", "lora", "fastpath", "files"):
         assert not any(n.split(".")[0] in heavy for n in imports[light]), light
-    for light in ("config", "errors", "files"):
+    for light in ("config", "errors", "inputs", "files"):
         assert "torch" not in {n.split(".")[0] for n in imports[light]}, light
     assert not any(n.split(".")[0] == "peft" for names in imports.values() for n in names)  # a test peer only
