@@ -363,7 +363,9 @@ def adapter_problems(model: nn.Module, adapter: Adapter) -> list[str]:
     except LoraError as e:
         return [str(e)]
     state = adapter.tensors
+    unsupported = {"lora_embedding_": "LoRA on embeddings", "lora_magnitude_vector": "DoRA magnitudes"}
     problems = [f"the adapter has {k}, which is no LoRA target of this {type(model).__name__}"
+                + next((f" ({what} is not supported)" for part, what in unsupported.items() if part in k), "")
                 for k in state if k not in expected]
     for key, shape in expected.items():
         if key not in state:

@@ -103,9 +103,10 @@ def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> d
     adapted inside a fused qkv layer.
 
     Args:
-        strict: an entry of a ``target_modules`` list that matches nothing is an error
-            (a typo would otherwise silently adapt fewer layers). PEFT only asks that
-            something matches, so adapters saved by PEFT are read with ``strict=False``.
+        strict: lorakit's rules for configs: roles ``q``/``k``/``v``/``o`` are resolved,
+            and a ``target_modules`` entry that matches nothing is an error (a typo would
+            otherwise silently adapt fewer layers). ``False`` applies PEFT's rules, used
+            for adapter files: entries are module names only, and something must match.
 
     Raises:
         LoraError: when the spec, or one entry of it, matches nothing, or ``layers``
@@ -122,7 +123,7 @@ def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> d
         found = {n: [] for n in names if re.fullmatch(spec, n)}
     else:
         for entry in spec:
-            hits = _resolve_role(model, entry, names) if entry in ROLES else {}
+            hits = _resolve_role(model, entry, names) if strict and entry in ROLES else {}
             hits = hits or {n: [] for n in names if _matches(n, entry)}
             if not hits and strict:
                 raise LoraError(_no_match_message(model, repr(entry), names))

@@ -334,3 +334,12 @@ def test_import_direction():
     for light in ("config", "errors", "inputs", "files"):
         assert "torch" not in {n.split(".")[0] for n in imports[light]}, light
     assert not any(n.split(".")[0] == "peft" for names in imports.values() for n in names)  # a test peer only
+
+
+def test_peft_lora_on_embeddings_is_refused_by_name(tmp_path):
+    config = peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    peft.get_peft_model(build("llama"), config).save_pretrained(tmp_path / "a")
+    model = build("llama")
+    with pytest.raises(Exception, match="LoRA on embeddings is not supported"):
+        load_adapter(model, tmp_path / "a")
+    assert not lora_modules(model)
