@@ -364,9 +364,10 @@ def adapter_problems(model: nn.Module, adapter: Adapter) -> list[str]:
         return [str(e)]
     state = adapter.tensors
     unsupported = {"lora_embedding_": "LoRA on embeddings", "lora_magnitude_vector": "DoRA magnitudes"}
-    problems = [f"the adapter has {k}, which is no LoRA target of this {type(model).__name__}"
-                + next((f" ({what} is not supported)" for part, what in unsupported.items() if part in k), "")
-                for k in state if k not in expected]
+    problems = [f"the adapter has {k}: {what} is not supported" for part, what in unsupported.items()
+                for k in state if part in k][:1]
+    problems += [f"the adapter has {k}, which is no LoRA target of this {type(model).__name__}"
+                 for k in state if k not in expected and not any(part in k for part in unsupported)]
     for key, shape in expected.items():
         if key not in state:
             problems.append(f"it has no tensor for {key}")
