@@ -222,7 +222,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
     """
     from safetensors.torch import load_file, load_model
 
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"]), state["config_hash"], state["config"], state["processes"], state["scheduler"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeError(f"{path / 'state.json'}: not a lorakit checkpoint state ({type(e).__name__}: {e})") from None
     if state["config_hash"] != _hash(fingerprint(config)):
         diffs = "; ".join(_differences(state["config"], fingerprint(config)))
         allowed = ", ".join(f"training.{k}" for k in sorted((*_FREE_KEYS, *RECOVERY_KEYS)))
@@ -246,8 +250,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
         scheduler.base_lrs = [config.training.lr for _ in scheduler.base_lrs]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # warmup_steps may have changed too
-    rng = load_file(path / f"rng-{accelerator.process_index}.safetensors")
-    torch.set_rng_state(rng["cpu"])
+    try:
+        rng = load_file(path / f"rng-{accelerator.process_index}.safetensors")
+        torch.set_rng_state(rng["cpu"])
+    except Exception as e:  # noqa: BLE001 — a damaged or foreign file
+        raise ResumeError(f"{path}: the random state of process {accelerator.process_index} is unreadable "
+                          f"({type(e).__name__})") from None
     if torch.cuda.is_available() and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
     return int(state["step"]), changes

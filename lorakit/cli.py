@@ -360,7 +360,7 @@ def inspect_command(
     if base:
         if report.problems:
             raise InputError(f"the adapter does not fit {base}:\n  - " + "\n  - ".join(report.problems))
-        note("fits", base, "every tensor matches a LoRA target, with the right shape")
+        note(f"fits {base}: every tensor matches a LoRA target, with the right shape")
 
 
 @data_app.command("preview")

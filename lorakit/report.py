@@ -29,10 +29,9 @@ def fail_message(message: str) -> None:
     console.print(f"[bold red]error:[/] {_e(message)}", highlight=False, soft_wrap=True)
 
 
-def note(*parts) -> None:
-    """One line of plain output; the parts after the first (paths, names) in bold."""
-    first, *rest = parts
-    console.print(" ".join([_e(first), *(f"[bold]{_e(p)}[/]" for p in rest)]), highlight=False, soft_wrap=True)
+def note(text: str, *names) -> None:
+    """One line of plain output: ``text``, then ``names`` (paths, adapter names) in bold."""
+    console.print(" ".join([_e(text), *(f"[bold]{_e(n)}[/]" for n in names)]), highlight=False, soft_wrap=True)
 
 
 class MetricsLog:
@@ -242,7 +241,7 @@ def sweep_table(rows: list[dict], table_path: Path, plot_path: Path) -> None:
         table.add_row(_e(row["point"]), f"{row['trainable']:,}", f"{row['seconds']:.0f}",
                       *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else "-" for k in scores))
     console.print(table)
-    note("results in", table_path, "plot in", plot_path)
+    note(f"results in {table_path}, plot in {plot_path}")
 
 
 def targets_table(found) -> None:
