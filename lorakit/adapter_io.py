@@ -169,6 +169,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, str |
     file = path / CONFIG_NAME
     if not file.is_file():
         raise LoraError(f"{path}: no {CONFIG_NAME} here; is this an adapter directory?")
+    if file.stat().st_size > 10_000_000:
+        raise LoraError(f"{file}: {file.stat().st_size:,} bytes; an adapter config is a few kilobytes")
     try:
         peft = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,8 @@ from lorakit.errors import ConfigError
 from lorakit.inputs import check_regex, looks_local, missing_path, template_fields
 
 DEFAULT_MODEL = "default"
+# Limits that keep a hostile config file from exhausting memory or time.
+MAX_CONFIG_BYTES, MAX_ALIASES = 10_000_000, 20
 # Written beside every adapter (and merged model) so later commands reuse the run's settings.
 SAVED_CONFIG = "training_config.yaml"
 
@@ -272,7 +275,7 @@ def _describe(error: dict, raw: dict) -> str:
         return f"{path}: required, but missing"
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")
-    shown = "" if isinstance(value, (dict, list)) and len(str(value)) > 60 else f" (got {value!r})"
+    shown = "" if isinstance(value, (dict, list)) else f" (got {reprlib.repr(value)})"
     return f"{path}: {message}{shown}"
 
 
@@ -293,8 +296,13 @@ def _file_problems(raw: dict) -> list[str]:
         elif isinstance(value, str) and looks_local(value) and Path(value).expanduser().is_dir():
             problems.append(f"data.{key}: {value!r} is a directory; name a .jsonl, .json, .csv or .parquet file")
     output = _raw_section(raw, "training").get("output_dir")
-    if isinstance(output, str) and Path(output).expanduser().exists() and not Path(output).expanduser().is_dir():
-        problems.append(f"training.output_dir: {output!r} is a file, not a directory")
+    if isinstance(output, str) and output:
+        target = Path(output).expanduser().absolute()
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        if existing == target and not target.is_dir():
+            problems.append(f"training.output_dir: {output!r} is a file, not a directory")
+        elif not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"training.output_dir: {output!r} cannot be written ({existing} is not a writable directory)")
     name = _raw_section(raw, "model").get("name_or_path")
     if isinstance(name, str) and name != DEFAULT_MODEL and (problem := missing_path(name)):
         problems.append(f"model.name_or_path: {problem}")
@@ -378,17 +386,26 @@ def read_yaml(path: str | os.PathLike, source: str | None = None) -> Any:
         ConfigError: an unreadable, binary or invalid file, naming the line.
     """
     source = source or str(path)
+    file = Path(path)
+    if file.exists() and not file.is_file():
+        raise ConfigError(source, ["not a regular file: expected a YAML config file"])
     try:
-        data = Path(path).read_bytes()
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(source, [f"{file.stat().st_size:,} bytes: a config is at most {MAX_CONFIG_BYTES:,}"])
+        data = file.read_bytes()
     except OSError as e:
         raise ConfigError(source, [f"cannot read the config file: {e.strerror or e}"]) from None
     if b"\0" in data:
         raise ConfigError(source, ["not a text file (it holds NUL bytes): expected YAML"])
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(source, [f"not UTF-8 text (byte {e.start + 1} is invalid): expected YAML"]) from None
     try:
+        # Aliases can multiply a small file into an enormous structure ("billion laughs").
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_ALIASES:
+            raise ConfigError(source, [f"{aliases} YAML aliases (*name): a config may use at most {MAX_ALIASES}"])
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

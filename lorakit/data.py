@@ -49,7 +49,7 @@ class Rows:
 
 def _decode(data: bytes, source: str) -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not data
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{source}, line {line}: not UTF-8 text (byte {e.start + 1} is invalid)") from None
@@ -114,7 +114,8 @@ def load_rows(source: str, split: str = "train") -> Rows:
     kind = path.suffix.lower()
     if kind in _LOADERS or looks_local(source):
         if not path.is_file():
-            raise DataError(f"{source}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+            what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+            raise DataError(f"{source}: {what}")
         if kind not in _LOADERS:
             raise DataError(f"{source}: unknown data file type {kind or '(none)'}; use .jsonl, .json, .csv or .parquet")
         if kind == ".parquet":

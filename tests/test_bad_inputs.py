@@ -182,6 +182,12 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "config python tag": lambda c: Case(["train", c.data(
         f"!!python/object/apply:pathlib.Path.touch [{str(c.root / MARKER)!r}]\n", "c.yaml")], 2, ["not valid YAML"],
         absent=[c.root / MARKER]),
+    "config is a device": lambda c: Case(["train", "/dev/zero"], 2, ["not a regular file"]),
+    "config alias bomb": lambda c: Case(["train", c.data(
+        "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{k}: &{k} [{', '.join(['*' + p] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi"))
+        + "lora:\n  target_modules: *i\n", "c.yaml")], 2,
+        ["YAML aliases"]),
     "config top-level list": lambda c: Case(["train", c.data("- a\n- b\n", "c.yaml")], 2, ["mapping of sections"]),
     "config unknown key": lambda c: Case(["train", c.config(lambda r: r["lora"].update(dropuot=0.1))], 2,
                                          ["lora.dropuot", "did you mean lora.dropout"]),
@@ -282,6 +288,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "resume without checkpoint": lambda c: Case(["train", c.config(), "--resume"], 2, ["no complete checkpoint"]),
     # --- data ------------------------------------------------------------------------
     "data empty file": lambda c: Case(["data", "preview", c.with_data("")], 2, ["d.jsonl", "no rows"]),
+    "data is a device": lambda c: Case(["data", "preview", c.config(lambda r: r["data"].update(train="/dev/zero"))],
+                                       2, ["/dev/zero", "not a regular file"]),
+    "data with a byte-order mark is fine": lambda c: Case(["data", "preview", c.with_data(
+        "\ufeff" + '{"question": "1+1=", "answer": "2"}\n')], 0, ["1 rows"]),
     "data blank lines only": lambda c: Case(["data", "preview", c.with_data("\n\n  \n")], 2, ["no rows"]),
     "data malformed json line": lambda c: Case(["data", "preview", c.with_data(
         '{"question": "1+1=", "answer": "2"}\n\n{"question": oops}\n')], 2, ["d.jsonl, line 3", "not valid JSON"]),
