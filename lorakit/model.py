@@ -136,6 +136,9 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         raise ModelLoadError(f"model.name_or_path: cannot load a tokenizer from {cfg.name_or_path!r}: {e}"
                              f"{_remote_hint(e)}") from None
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer of {cfg.name_or_path!r} has neither a padding nor an end-of-text "
+                                 "token, so batches cannot be padded and the model cannot learn to stop")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

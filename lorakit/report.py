@@ -34,6 +34,15 @@ def note(text: str, *names) -> None:
     console.print(" ".join([_e(text), *(f"[bold]{_e(n)}[/]" for n in names)]), highlight=False, soft_wrap=True)
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for a line a killed run left half-written."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLog:
     """``metrics.jsonl`` in ``out``, mirrored to TensorBoard (``out/tensorboard``) when installed.
 
@@ -45,8 +54,8 @@ class MetricsLog:
         self.path = out / METRICS
         rows = []
         if resume_step is not None and self.path.is_file():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            rows = [r for r in rows if r["step"] <= resume_step]
+            rows = [r for r in map(_record, self.path.read_text(errors="replace").splitlines())
+                    if r is not None and r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.history = rows
         try:

@@ -343,3 +343,15 @@ def test_peft_lora_on_embeddings_is_refused_by_name(tmp_path):
     with pytest.raises(Exception, match="LoRA on embeddings is not supported"):
         load_adapter(model, tmp_path / "a")
     assert not lora_modules(model)
+
+
+def test_resume_keeps_the_metrics_a_killed_run_left(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
+    _run(raw)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "loss": 1.2')  # a half-written last line
+    (tmp_path / "run" / "adapter").rename(tmp_path / "first")
+    raw["training"]["max_steps"] = 6
+    _run(raw, resume=True)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
