@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ import torch
 from lorakit.adapter_io import load_adapter, save_adapter
 from lorakit.config import Config, config_to_dict
 from lorakit.errors import ResumeError, TrainingError
+from lorakit.files import atomic_directory, temporary_path
 from lorakit.inject import lora_modules
 from lorakit.sharding import load_optimizer_state, optimizer_state, whole_parameters
 
@@ -85,43 +86,43 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: 
     """
     from safetensors.torch import save_file, save_model
 
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    final = root / f"step-{step}"
     main = accelerator.is_main_process
     moments = optimizer_state(model, optimizer)  # a collective under FSDP: every process takes part
-    with whole_parameters(model):
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:
-            raise TrainingError(f"the trained weights hold NaN or infinite values at step {step} (e.g. {bad[0]}); "
-                                "no checkpoint was written. Try a lower training.lr or training.max_grad_norm")
+    tmp = temporary_path(final)  # where every process writes; the main one renames it into place
+    with ExitStack() as commit:
+        with whole_parameters(model):
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            if bad:
+                raise TrainingError(f"the trained weights hold NaN or infinite values at step {step} (e.g. "
+                                    f"{bad[0]}); no checkpoint was written. Try a lower training.lr or "
+                                    "training.max_grad_norm")
+            if main:
+                tmp = commit.enter_context(atomic_directory(final))
+                if lora_modules(model):
+                    save_adapter(model, tmp / "adapter")
+                else:  # full fine-tuning: every weight (tied ones once)
+                    save_model(model, str(tmp / "model.safetensors"))
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if lora_modules(model):
-                save_adapter(model, tmp / "adapter")
-            else:  # full fine-tuning: every weight (tied ones once)
-                tmp.mkdir(parents=True)
-                save_model(model, str(tmp / "model.safetensors"))
+            torch.save(moments, tmp / "optimizer.pt")
+        accelerator.wait_for_everyone()
+        save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+        accelerator.wait_for_everyone()
+        if main:
+            files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            state = {
+                "step": step,
+                "processes": accelerator.num_processes,
+                "scheduler": scheduler.state_dict(),
+                "config_hash": _hash(fingerprint(config)),
+                "config": fingerprint(config),
+                "recovery": {k: getattr(config.training, k) for k in RECOVERY_KEYS},
+                "schedule": {k: getattr(config.training, k) for k in ("max_steps", "epochs")},
+                **(extra or {}),
+                "files": files,
+            }
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
     if main:
-        torch.save(moments, tmp / "optimizer.pt")
-    accelerator.wait_for_everyone()
-    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
-    accelerator.wait_for_everyone()
-    if main:
-        files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        state = {
-            "step": step,
-            "processes": accelerator.num_processes,
-            "scheduler": scheduler.state_dict(),
-            "config_hash": _hash(fingerprint(config)),
-            "config": fingerprint(config),
-            "recovery": {k: getattr(config.training, k) for k in RECOVERY_KEYS},
-            "schedule": {k: getattr(config.training, k) for k in ("max_steps", "epochs")},
-            **(extra or {}),
-            "files": files,
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _temporary(final: Path) -> Path:
+def temporary_path(final: Path) -> Path:
+    """Where ``atomic_directory(final)`` builds the new version (several processes may write there)."""
     return final.with_name(f".{final.name}.tmp")
 
 
@@ -33,27 +34,38 @@ def recover_directory(final: Path) -> None:
             shutil.rmtree(old)
         else:
             os.replace(old, final)
-    shutil.rmtree(_temporary(final), ignore_errors=True)
+    shutil.rmtree(temporary_path(final), ignore_errors=True)
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes ``final``.
 
     An existing ``final`` is replaced only once the new directory is complete. If the
     body raises, the temporary directory is removed and ``final`` is left as it was.
+
+    Args:
+        keep_existing: for a cache that several processes may fill at once: each builds
+            in a temporary directory of its own, and whichever finishes second keeps the
+            first one's result.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(final)
-    tmp = _temporary(final)
+    if keep_existing:
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        recover_directory(final)
+        tmp = temporary_path(final)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
+    if keep_existing and final.exists():
+        shutil.rmtree(tmp)
+    elif final.exists():
         old = _previous(final)
         os.replace(final, old)
         os.replace(tmp, final)

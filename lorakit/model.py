@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from transformers import (
 from lorakit.config import DEFAULT_MODEL, ModelConfig, read_saved_config
 from lorakit.inputs import missing_path
 from lorakit.errors import ModelLoadError
+from lorakit.files import atomic_directory
 
 logger = logging.getLogger("lorakit")
 
@@ -65,13 +65,9 @@ def convert_gguf(path: Path, name_or_path: str | None = None) -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.config._name_or_path = name_or_path or str(path)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, target)
+    with atomic_directory(target, keep_existing=True) as tmp:  # another process may convert it too
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from lorakit.config import ConfigError, load_config
+from lorakit.files import atomic_file
 from lorakit.train import train
 
 
@@ -115,9 +115,8 @@ def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetun
             scored = run_eval(resolve_target(str(result.adapter_dir)), metrics, limit=limit,
                               max_new_tokens=max_new_tokens)
             row.update(scored["model"])
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=2))
-        os.replace(tmp, done)
+        with atomic_file(done) as tmp:
+            tmp.write_text(json.dumps(row, indent=2))
         rows.append(row)
     (root / "sweep.json").write_text(json.dumps(rows, indent=2))
     return rows
