@@ -82,6 +82,9 @@ def resolve_model_path(name_or_path: str) -> str:
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{name_or_path} is a LoRA adapter, not a model: name its base model here, or merge "
                              "it first (lorakit merge) to get a model")
+    if (path / "adapter" / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path} is a run or checkpoint directory, not a model; its adapter is "
+                             f"{path / 'adapter'}")
     if path.suffix == ".gguf":
         try:
             return str(convert_gguf(path))

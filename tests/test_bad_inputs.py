@@ -346,6 +346,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "eval data lacks reference": lambda c: Case(["eval", str(c.adapter), "--data", c.data(
         '{"question": "1+1="}\n', "e.jsonl")], 2, ["e.jsonl, line 1", "answer"]),
     # --- paths -----------------------------------------------------------------------
+    "eval a run directory": lambda c: Case(["eval", str(c.root), "--data", c.data(
+        '{"question": "1", "answer": "2"}\n', "e.jsonl")], 2, ["run or checkpoint directory", "adapter"]),
     "eval dot path": lambda c: Case(["eval", "./nothing-here"], 2, ["no such file or directory", "nothing-here"]),
     "eval parent path": lambda c: Case(["eval", "../nothing-here"], 2, ["no such file or directory"]),
     "eval absolute path": lambda c: Case(["eval", str(c.root / "gone")], 2, ["no such file or directory"]),
