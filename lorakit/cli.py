@@ -63,11 +63,12 @@ def _quiet_libraries() -> None:
     """lorakit reports what matters; the libraries' own progress bars and notices are noise here."""
     import datasets
     import transformers
-    from rich.logging import RichHandler
+
+    from lorakit.report import LogHandler
 
     logger = logging.getLogger("lorakit")
     if not logger.handlers:
-        logger.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
+        logger.addHandler(LogHandler())
         logger.setLevel(logging.INFO)
         logger.propagate = False  # libraries may configure the root logger: print once
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ User-supplied text (paths, keys, module names) is always escaped: a path holding
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +23,16 @@ METRICS = "metrics.jsonl"
 def _e(value) -> str:
     """Any value as text that Rich prints literally."""
     return escape(str(value))
+
+
+class LogHandler(logging.Handler):
+    """lorakit's log records as single unwrapped lines (``warning: ...``), so that a message
+    is never split where someone searches for it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "bold yellow" if record.levelno >= logging.WARNING else "dim"
+        console.print(f"[{style}]{record.levelname.lower()}:[/] {_e(record.getMessage())}", highlight=False,
+                      soft_wrap=True)
 
 
 def fail_message(message: str) -> None:
@@ -230,7 +241,8 @@ def merge_summary(report) -> None:
 
 def eval_table(target: str, results: dict) -> None:
     """Scores of the model (and of the base, with the gain, when compared)."""
-    table = Table(title=f"lorakit eval: {_e(target)}")
+    note("lorakit eval:", target)
+    table = Table()
     columns = [c for c in ("base", "model", "gain") if c in results]
     table.add_column("metric")
     for column in columns:
