@@ -8,9 +8,12 @@ stop). Everything else is labelled -100.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -426,6 +429,21 @@ def total_steps(t: TrainingConfig, steps_per_epoch: int) -> int:
     return t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
 
 
+_HEAVIEST_FIRST: contextvars.ContextVar[bool] = contextvars.ContextVar("heaviest_first", default=False)
+
+
+@contextmanager
+def heaviest_batch_first() -> Iterator[None]:
+    """Inside the block, batch orders built with ``group_by_length`` start each epoch with
+    the batch holding the longest example: ``lorakit plan --measure`` meets the heaviest
+    batch within a few steps, without a measurement-only option on ``train()``."""
+    token = _HEAVIEST_FIRST.set(True)
+    try:
+        yield
+    finally:
+        _HEAVIEST_FIRST.reset(token)
+
+
 class BatchOrder:
     """Which examples make up each micro-batch, for any position in training.
 
@@ -436,9 +454,9 @@ class BatchOrder:
     """
 
     def __init__(self, lengths: list[int], batch_size: int, world: int, seed: int, grouped: bool,
-                 longest_first: bool = False) -> None:
+                 longest_first: bool | None = None) -> None:
         self.lengths, self.batch_size, self.world, self.seed, self.grouped = lengths, batch_size, world, seed, grouped
-        self.longest_first = longest_first
+        self.longest_first = _HEAVIEST_FIRST.get() if longest_first is None else longest_first
         self.per_epoch = len(lengths) // (batch_size * world)
         self._epoch, self._order = -1, []
 

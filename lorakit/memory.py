@@ -203,6 +203,7 @@ def measure_peak(cfg: Config, steps: int) -> int:
     Counting starts at the first forward pass: loading (a 4-bit base passes through
     full precision) is not training memory.
     """
+    from lorakit.data import heaviest_batch_first
     from lorakit.train import train
 
     cuda = torch.cuda.is_available()
@@ -222,11 +223,12 @@ def measure_peak(cfg: Config, steps: int) -> int:
         run.training = run.training.model_copy(update={
             "max_steps": steps, "epochs": None, "save_every": None, "eval_every": None, "output_dir": tmp})
         try:
-            if cuda:
-                train(run, longest_first=True)
-                return torch.cuda.max_memory_allocated()
-            with counter:
-                train(run, longest_first=True)
+            with heaviest_batch_first():
+                if cuda:
+                    train(run)
+                    return torch.cuda.max_memory_allocated()
+                with counter:
+                    train(run)
             return counter.peak
         finally:
             hook.remove()

@@ -164,7 +164,7 @@ class _Throughput:
         return _Pause()
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_first: bool = False) -> RunResult:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Fine-tune ``cfg.model`` with LoRA on ``cfg.data`` as ``cfg.training`` says.
 
     Args:
@@ -172,8 +172,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
         resume: continue from the newest intact checkpoint in ``output_dir``.
         overwrite: start over in an ``output_dir`` that holds an earlier run (its
             checkpoints are deleted).
-        longest_first: with ``data.group_by_length``, start each epoch with the batch
-            holding the longest example (for memory measurements).
 
     Returns:
         The adapter directory, the number of steps and the metric history.
@@ -229,7 +227,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, longest_fi
     # Train.
     loss_model.train()
     order = BatchOrder([len(e["input_ids"]) for e in train_set], t.batch_size, world, t.seed,
-                       cfg.data.group_by_length, longest_first)
+                       cfg.data.group_by_length)
     targets = [labelled_targets(e) for e in train_set]
     meter, progress = _Throughput(), report.Progress(n_steps, step, enabled=main)
     rng, updating = capture_rng(), False
