@@ -350,6 +350,8 @@ def inspect_command(
     Per adapted layer: the norm of ΔW = scaling·B·A, its singular values (computed exactly
     from the thin factors) and its effective rank at 90% and 99% of the update energy.
     """
+    if plot and not plot.expanduser().absolute().parent.is_dir():
+        raise InputError(f"--plot {plot}: its directory does not exist")
     _quiet_libraries()
     from lorakit.adapter_report import inspect_adapter, plot_report
     from lorakit.report import inspect_tables

@@ -319,6 +319,10 @@ def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -
                          "or start over with --overwrite (deletes its checkpoints)")
     if resume and not list_checkpoints(checkpoints):
         raise InputError(f"--resume: no complete checkpoint in {checkpoints}")
+    try:  # now, not after the model has loaded
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"training.output_dir: cannot create {out} ({e.strerror or e})") from None
 
 
 def _datasets(cfg: Config, tokenizer, world: int) -> tuple[list[dict], list[dict]]:

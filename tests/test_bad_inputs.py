@@ -357,6 +357,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "targets bad spec": lambda c: Case(["targets", c.model, "-t", "(a+)+$"], 2, ["repeats"]),
     "inspect missing": lambda c: Case(["inspect", str(c.root / "gone")], 2, ["no such adapter directory"]),
     "inspect not an adapter": lambda c: Case(["inspect", str(c.root)], 2, ["no adapter_config.json"]),
+    "inspect plot nowhere": lambda c: Case(["inspect", str(c.adapter), "--plot", "/nonexistent/p.png"], 2,
+                                           ["--plot", "does not exist"]),
+    "train output_dir cannot be created": lambda c: Case(["train", c.config(
+        lambda r: r["training"].update(output_dir="/proc/lorakit-run"))], 2, ["training.output_dir", "cannot"]),
     "inspect base missing": lambda c: Case(["inspect", str(c.adapter), "--base", "./gone"], 2, ["no such file"]),
     "merge missing adapter": lambda c: Case(["merge", str(c.root / "gone"), "-o", str(c.root / "m")], 2,
                                             ["no such adapter directory"]),
