@@ -248,7 +248,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
     load_optimizer_state(model, optimizer, moments)
     scheduler.load_state_dict(state["scheduler"])
     if "lr" in changes:  # the schedule keeps its shape and position, scaled to the new peak
-        scheduler.base_lrs = [config.training.lr for _ in scheduler.base_lrs]
+        scheduler.base_lrs = [config.training.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # warmup_steps may have changed too
     try:

@@ -182,6 +182,7 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     max_grad_norm: float | None = Field(1.0, gt=0)
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
     seed: int = 0
     eval_every: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)
@@ -319,6 +320,9 @@ def _cross_problems(raw: dict, config: Config) -> list[str]:
         if config.model.quantization is not None:
             problems.append("model.quantization: full fine-tuning cannot train quantized weights; "
                             "remove it or use method: lora (QLoRA)")
+        if config.training.loraplus_lr_ratio is not None:
+            problems.append("training.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B factors; "
+                            "full fine-tuning has none")
     return problems
 
 

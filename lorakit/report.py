@@ -108,6 +108,9 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
         ("processes", f"{world} ({engine})" if world > 1 else "1"),
         ("effective batch", f"{t.batch_size * t.grad_accum * world} "
                             f"= {t.batch_size} × {t.grad_accum} accumulation × {world} process(es)"),
+        ("optimizer", f"{t.optimizer}, lr {t.lr:g}" + (f"; LoRA's B factors at {t.lr * t.loraplus_lr_ratio:g} "
+                                                         f"(LoRA+, ×{t.loraplus_lr_ratio:g})" if t.loraplus_lr_ratio
+                                                         else "") + f", {t.scheduler} schedule"),
         ("steps", f"{n_steps}" + (f" (resuming at {start})" if start else "")),
         ("output", _e(t.output_dir)),
     ]

@@ -57,13 +57,29 @@ class RunResult:
     trainable: int = 0
 
 
-def _build_optimizer(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.Optimizer:
+def param_groups(model: torch.nn.Module, t: TrainingConfig) -> list[dict]:
+    """The optimizer's parameter groups: every trainable parameter at ``lr``, except that
+    with LoRA+ (Hayou et al., 2024: "LoRA+: Efficient Low Rank Adaptation of Large Models")
+    the B factors learn ``loraplus_lr_ratio`` times faster, since B, which starts at zero,
+    is where a wide layer's update needs the larger step. ``lr_scale`` keeps each group's
+    share of the schedule."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not t.loraplus_lr_ratio:
+        return [{"params": [p for _, p in trainable], "lr": t.lr, "lr_scale": 1.0}]
+    B = [p for n, p in trainable if n.endswith("lora_B.weight")]
+    rest = [p for n, p in trainable if not n.endswith("lora_B.weight")]
+    return [{"params": rest, "lr": t.lr, "lr_scale": 1.0},
+            {"params": B, "lr": t.lr * t.loraplus_lr_ratio, "lr_scale": t.loraplus_lr_ratio}]
+
+
+def _build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, t)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    return cls(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def _check_gradients(model) -> None:
@@ -199,7 +215,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         add_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
-    optimizer = _build_optimizer([p for p in model.parameters() if p.requires_grad], t)
+    optimizer = _build_optimizer(model, t)
     n_steps = total_steps(t, epoch_steps(len(train_set), t, world))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
     loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)

@@ -253,7 +253,8 @@ def test_non_finite_weights_are_never_checkpointed(tiny_model_dir, tmp_path, mon
                 with torch.no_grad():
                     self.param_groups[0]["params"][0].fill_(float("nan"))
 
-    monkeypatch.setattr(train_module, "_build_optimizer", lambda params, t: Poisoning(params, lr=t.lr))
+    monkeypatch.setattr(train_module, "_build_optimizer",
+                        lambda model, t: Poisoning([p for p in model.parameters() if p.requires_grad], lr=t.lr))
     raw = tiny_config(tmp_path, tiny_model_dir, max_steps=6, save_every=1)
     with pytest.raises(Exception, match="NaN or infinite|loss became nan"):
         _run(raw)
@@ -355,3 +356,47 @@ def test_resume_keeps_the_metrics_a_killed_run_left(tiny_model_dir, tmp_path):
     _run(raw, resume=True)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_loraplus_moves_b_ratio_times_faster(tiny_model_dir, tmp_path):
+    """LoRA+: at the first step A has no gradient (B is zero) and B's AdamW step is lr·sign(g),
+    so B ends exactly ratio times further than without LoRA+."""
+    runs = {}
+    for name, ratio in (("plain", None), ("plus", 4.0)):
+        raw = tiny_config(tmp_path, tiny_model_dir, max_steps=1, scheduler="constant", output_dir=str(tmp_path / name),
+                          loraplus_lr_ratio=ratio, max_grad_norm=None)
+        result = _run(raw)
+        runs[name] = _adapter(tmp_path / name)
+    for key, plain in runs["plain"].items():
+        plus = runs["plus"][key]
+        if key.endswith("lora_A.weight"):
+            assert torch.equal(plain, plus)
+        else:
+            moved = plain.abs() > 1e-6
+            assert moved.any() and torch.allclose(plus[moved], 4 * plain[moved], rtol=1e-3)
+    assert result.steps == 1
+
+
+def test_loraplus_is_refused_for_full_fine_tuning(tiny_model_dir, tmp_path):
+    raw = tiny_config(tmp_path, tiny_model_dir, loraplus_lr_ratio=8.0)
+    raw["method"] = "full"
+    del raw["lora"]
+    with pytest.raises(Exception, match="training.loraplus_lr_ratio"):
+        validate_config(raw, "test")
+
+
+def test_rank_and_alpha_patterns_save_as_peft_reads_them(ids, tmp_path):
+    config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={r"layers\.1\..*q_proj": 2},
+                        alpha_pattern={"v_proj": 3.0})
+    ours = add_lora(build("llama"), config)
+    modules = lora_modules(ours)
+    assert modules["model.layers.1.self_attn.q_proj"].r == 2 and modules["model.layers.0.self_attn.q_proj"].r == 4
+    assert modules["model.layers.0.self_attn.v_proj"].alpha == 3.0
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "a").eval()
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-5
+    back = load_adapter(build("llama"), tmp_path / "a")
+    assert (logits(ours, ids) - logits(back, ids)).abs().max() <= 1e-6
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "a")])
+    assert shown.exit_code == 0 and "│ 2 " in shown.output
