@@ -129,7 +129,8 @@ def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> d
                 raise LoraError(_no_match_message(model, repr(entry), names))
             for n, roles in hits.items():
                 found[n] = sorted(set(found.get(n, [])) | set(roles), key="qkv".index)
-    if config.layers is not None:
+    regex = isinstance(spec, str) and spec != "all-linear"
+    if config.layers is not None and (strict or not regex):  # PEFT ignores layers_to_transform for a regex
         present = {block_index(n, config.layers_pattern) for n in names} - {None}
         missing = sorted(set(config.layers) - present)
         if missing:
