@@ -136,7 +136,8 @@ class QuantizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The base model."""
+    """The base model; ``dtype: auto`` computes in bfloat16 where the hardware runs it fast
+    (see ``lorakit.model.resolve_dtype``), else float32."""
 
     name_or_path: str = DEFAULT_MODEL
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -215,6 +216,11 @@ class Config(_Section):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def trains_whole_weights(self) -> bool:
+        """Whether the run trains weights other than LoRA factors (which need float32)."""
+        return self.method == "full" or self.lora.bias != "none" or bool(self.lora.modules_to_save)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

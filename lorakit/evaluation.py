@@ -56,7 +56,9 @@ def resolve_target(path: str, base: str | None = None, trust_remote_code: bool =
         if saved and saved.model.quantization and base is None:  # score what the adapter was trained with
             model = model.model_copy(update={"quantization": saved.model.quantization, "dtype": saved.model.dtype})
         return Target(model, directory, data)
-    return Target(ModelConfig(name_or_path=base or path, trust_remote_code=trust_remote_code), None, data)
+    # Scores are computed in float32, adapter or not, so that they compare exactly.
+    return Target(ModelConfig(name_or_path=base or path, dtype="float32", trust_remote_code=trust_remote_code),
+                  None, data)
 
 
 def reference_of(row: dict, data: DataConfig, where: str = "data") -> str:

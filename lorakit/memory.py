@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from lorakit.config import Config
 from lorakit.inject import add_lora
 from lorakit.loss import head_loss, supports_sparse_head
-from lorakit.model import DTYPES, enable_checkpointing, load_model_config
+from lorakit.model import DTYPES, enable_checkpointing, load_model_config, resolve_dtype
 
 # bitsandbytes 4-bit: half a byte per weight, one float32 absmax per 64 weights; with
 # double quantization the absmax is itself 8-bit (plus a float32 per 256 of those).
@@ -98,9 +98,7 @@ class MemoryEstimate:
 def _compute_dtype(cfg: Config, config) -> torch.dtype:
     if cfg.model.quantization is not None:
         return DTYPES[cfg.model.quantization.compute_dtype]
-    if cfg.model.dtype != "auto":
-        return DTYPES[cfg.model.dtype]
-    return getattr(config, "dtype", None) or torch.float32
+    return resolve_dtype(cfg.model, cfg.trains_whole_weights)
 
 
 def _weight_bytes(model: torch.nn.Module, cfg: Config) -> int:

@@ -27,6 +27,7 @@ logger = logging.getLogger("lorakit")
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def cache_dir() -> Path:
@@ -142,6 +143,30 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tokenizer
 
 
+def bf16_is_fast() -> bool:
+    """True on hardware that runs bfloat16 matmuls natively: CUDA devices with bf16, and
+    CPUs with AMX or AVX512-BF16 instructions (asked of torch, never guessed from a name)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_dtype(cfg: ModelConfig, trains_whole_weights: bool = False) -> torch.dtype:
+    """The dtype the base model computes in.
+
+    ``auto`` is bfloat16 where the hardware runs it fast (``bf16_is_fast``) and float32
+    elsewhere. LoRA factors, their gradients and optimizer states stay float32 either way
+    (master weights). A run that trains whole weights (full fine-tuning, biases,
+    ``modules_to_save``) gets float32 under ``auto``: bfloat16 would silently round away
+    small updates to them.
+    """
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    return torch.bfloat16 if bf16_is_fast() and not trains_whole_weights else torch.float32
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
     """The base model on ``device``, prepared for adapter training.
 
@@ -150,7 +175,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
     """
     path = resolve_model_path(cfg.name_or_path)
     quant = quantization_config(cfg)
-    dtype = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -40,7 +40,7 @@ from lorakit.files import atomic_directory
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss, evaluate_loss
-from lorakit.model import load_model, load_tokenizer
+from lorakit.model import DTYPE_NAMES, load_model, load_tokenizer, resolve_dtype
 from lorakit.preflight import preflight
 from lorakit.sharding import local, whole_parameters
 
@@ -210,7 +210,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     # Build: tokenizer and data first, so bad data fails before the model loads.
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set = _datasets(cfg, tokenizer, world)
-    model = load_model(cfg.model, accelerator.device)
+    dtype = resolve_dtype(cfg.model, cfg.trains_whole_weights)
+    model = load_model(cfg.model.model_copy(update={"dtype": DTYPE_NAMES[dtype]}), accelerator.device)
     if cfg.method == "lora":
         add_lora(model, cfg.lora)
     else:

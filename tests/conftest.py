@@ -153,7 +153,7 @@ def tiny_config(tmp_path, model_dir: str, **training) -> dict:
     train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(64))
     val = write_jsonl(tmp_path / "val.jsonl", arithmetic_rows(16, seed=1))
     return {
-        "model": {"name_or_path": model_dir},
+        "model": {"name_or_path": model_dir, "dtype": "float32"},  # exact comparisons; auto may pick bf16
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q", "v"]},
         "data": {"train": train, "validation": val, "prompt_template": "{question}",
                  "completion_field": "answer", "max_length": 32},

@@ -400,3 +400,36 @@ def test_rank_and_alpha_patterns_save_as_peft_reads_them(ids, tmp_path):
     assert (logits(ours, ids) - logits(back, ids)).abs().max() <= 1e-6
     shown = runner.invoke(app, ["inspect", str(tmp_path / "a")])
     assert shown.exit_code == 0 and "│ 2 " in shown.output
+
+
+def test_dtype_auto_picks_bfloat16_only_where_it_is_fast(monkeypatch):
+    import lorakit.model as model_module
+    from lorakit.config import ModelConfig
+    from lorakit.model import resolve_dtype
+
+    monkeypatch.setattr(model_module, "bf16_is_fast", lambda: True)
+    assert resolve_dtype(ModelConfig()) == torch.bfloat16
+    assert resolve_dtype(ModelConfig(), trains_whole_weights=True) == torch.float32  # biases, full FT: float32
+    assert resolve_dtype(ModelConfig(dtype="float32")) == torch.float32  # an explicit dtype is kept
+    monkeypatch.setattr(model_module, "bf16_is_fast", lambda: False)
+    assert resolve_dtype(ModelConfig()) == torch.float32
+
+
+def test_auto_trains_a_bfloat16_base_with_float32_adapters(tiny_model_dir, tmp_path, monkeypatch):
+    import lorakit.model as model_module
+
+    import lorakit.train as train_module
+
+    monkeypatch.setattr(model_module, "bf16_is_fast", lambda: True)
+    loaded, real = [], train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", lambda cfg, device: loaded.append(real(cfg, device)) or loaded[-1])
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=3)
+    raw["model"]["dtype"] = "auto"
+    result = _run(raw)
+    assert loaded[0].get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(r["loss"] == r["loss"] for r in result.history if "loss" in r)  # finite
+    assert all(t.dtype == torch.float32 for t in _adapter(tmp_path / "run").values())  # master weights
+    raw["lora"]["bias"] = "all"
+    raw["training"]["output_dir"] = str(tmp_path / "bias")
+    cfg = validate_config(raw, "test")
+    assert cfg.trains_whole_weights and model_module.resolve_dtype(cfg.model, True) == torch.float32
