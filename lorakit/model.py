@@ -160,11 +160,14 @@ def resolve_dtype(cfg: ModelConfig, trains_whole_weights: bool = False) -> torch
     elsewhere. LoRA factors, their gradients and optimizer states stay float32 either way
     (master weights). A run that trains whole weights (full fine-tuning, biases,
     ``modules_to_save``) gets float32 under ``auto``: bfloat16 would silently round away
-    small updates to them.
+    small updates to them. A quantized base loads in float32 under ``auto``: its 4-bit
+    weights are then quantized from the original values (what ``lorakit merge`` folds
+    into), and it computes in ``quantization.compute_dtype``.
     """
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
-    return torch.bfloat16 if bf16_is_fast() and not trains_whole_weights else torch.float32
+    fast = bf16_is_fast() and not trains_whole_weights and cfg.quantization is None
+    return torch.bfloat16 if fast else torch.float32
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:

@@ -34,8 +34,8 @@ def test_quickstart_runs_a_few_steps_on_smollm2(tmp_path, monkeypatch):
     from lorakit.model import load_model
 
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2]])
-    ours = load_adapter(load_model(ModelConfig()), out / "adapter").eval()
-    theirs = peft.PeftModel.from_pretrained(load_model(ModelConfig()), out / "adapter").eval()
+    ours = load_adapter(load_model(ModelConfig(dtype="float32")), out / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(load_model(ModelConfig(dtype="float32")), out / "adapter").eval()
     with torch.no_grad():
         assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-4
 

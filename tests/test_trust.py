@@ -411,6 +411,7 @@ def test_dtype_auto_picks_bfloat16_only_where_it_is_fast(monkeypatch):
     assert resolve_dtype(ModelConfig()) == torch.bfloat16
     assert resolve_dtype(ModelConfig(), trains_whole_weights=True) == torch.float32  # biases, full FT: float32
     assert resolve_dtype(ModelConfig(dtype="float32")) == torch.float32  # an explicit dtype is kept
+    assert resolve_dtype(ModelConfig(quantization={"bits": 4})) == torch.float32  # quantized from the originals
     monkeypatch.setattr(model_module, "bf16_is_fast", lambda: False)
     assert resolve_dtype(ModelConfig()) == torch.float32
 
