@@ -29,7 +29,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
 from lorakit.files import atomic_file
-from lorakit.inject import Target, add_lora, lora_modules, plan_injection
+from lorakit.inject import Target, add_lora, is_extra, lora_modules, plan_injection
 from lorakit.lora import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -228,16 +228,6 @@ def _unblock_B(module: LoRALinear, full: torch.Tensor) -> torch.Tensor | None:
     return torch.cat(blocks) if torch.equal(_place_blocks(module, blocks), full) else None
 
 
-def _is_extra(name: str, config: LoraConfig, adapted: set[str]) -> bool:
-    """A parameter saved beside the LoRA factors: a trained bias or a ``modules_to_save`` weight."""
-    owner, _, leaf = name.rpartition(".")
-    if re.search(r"\.lora_[AB]$", owner):
-        return False
-    if config.bias != "none" and leaf == "bias" and (config.bias == "all" or owner.removesuffix(".base_layer") in adapted):
-        return True
-    return any(owner == e or owner.endswith("." + e) for e in config.modules_to_save or [])
-
-
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What the adapter saves, under PEFT's key names: the LoRA factors of every adapted
     layer and the extras the config trains (biases, ``modules_to_save``), by structure."""
@@ -249,7 +239,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         B = module.lora_B.weight.detach()
         state[f"{PREFIX}{name}.lora_B.weight"] = _place_blocks(module, list(B.split(module.slice_sizes))) if module.sliced else B
     for name, param in model.named_parameters(remove_duplicate=False):
-        if _is_extra(name, config, set(modules)):
+        if is_extra(name, config, set(modules)):
             state[PREFIX + name] = param.detach()
     return state
 
@@ -346,7 +336,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[in
         shapes[f"{PREFIX}{name}.lora_B.weight"] = (target.d_out, target.rank)
     for name, param in model.named_parameters(remove_duplicate=False):
         wrapped = name if existing else _wrapped_name(name, plan)
-        if _is_extra(wrapped, config, set(plan)):
+        if is_extra(wrapped, config, set(plan)):
             shapes[PREFIX + wrapped] = tuple(param.shape)
     return shapes
 

@@ -305,31 +305,40 @@ def _group_shared_inputs(model: nn.Module) -> None:
                 member.shared_input = shared
 
 
+def is_extra(name: str, config: LoraConfig, adapted: set[str]) -> bool:
+    """Whether parameter ``name`` trains (and is saved) beside the LoRA factors: a bias the
+    config trains, or a weight anywhere inside a ``modules_to_save`` module.
+
+    Args:
+        name: the parameter's path in a model with LoRA layers (``…q_proj.base_layer.bias``).
+        adapted: the paths of the adapted layers.
+    """
+    owner, _, leaf = name.rpartition(".")
+    if re.search(r"(^|\.)lora_[AB]$", owner):
+        return False
+    if config.bias != "none" and leaf == "bias":
+        if config.bias == "all" or owner.removesuffix(".base_layer") in adapted:
+            return True
+    parts = owner.split(".")
+    enclosing = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(_matches(module, entry) for module in enclosing for entry in config.modules_to_save or [])
+
+
 def _unfreeze_extras(model: nn.Module, config: LoraConfig) -> None:
-    """Biases and ``modules_to_save`` that train beside the adapters."""
+    """The LoRA factors, and the biases and ``modules_to_save`` that train beside them."""
     for module in lora_modules(model).values():
         module.lora_A.requires_grad_(True)
         module.lora_B.requires_grad_(True)
-    if config.bias != "none":
-        owners = model.named_modules() if config.bias == "all" else lora_modules(model).items()
-        for _, module in owners:
-            target = module.base_layer if isinstance(module, LoRALinear) else module
-            if isinstance(getattr(target, "bias", None), nn.Parameter):
-                target.bias.requires_grad_(True)
     for entry in config.modules_to_save or []:
-        hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, entry)]
-        if not hits:
-            raise LoraError(f"modules_to_save entry {entry!r} matched no module")
-        for _, module in hits:
-            for pname, param in list(module.named_parameters(recurse=False)):
-                # A private copy, as PEFT makes: training must not move a tied twin.
-                setattr(module, pname, nn.Parameter(param.detach().clone()))
-            module.requires_grad_(True)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of a LoRA model by its in-memory name (adapters, biases, extras)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+        for module in [m for n, m in model.named_modules() if n and _matches(n, entry)]:
+            for sub in module.modules():
+                for pname, param in list(sub.named_parameters(recurse=False)):
+                    # A private copy, as PEFT makes: training must not move a tied twin.
+                    setattr(sub, pname, nn.Parameter(param.detach().clone()))
+    adapted = set(lora_modules(model))
+    for name, param in model.named_parameters():
+        if is_extra(name, config, adapted):
+            param.requires_grad_(True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

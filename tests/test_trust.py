@@ -434,3 +434,19 @@ def test_auto_trains_a_bfloat16_base_with_float32_adapters(tiny_model_dir, tmp_p
     raw["training"]["output_dir"] = str(tmp_path / "bias")
     cfg = validate_config(raw, "test")
     assert cfg.trains_whole_weights and model_module.resolve_dtype(cfg.model, True) == torch.float32
+
+
+def test_modules_to_save_containers_train_and_save_every_weight_inside(ids, tmp_path):
+    ours = add_lora(build("llama"), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["mlp"]))
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert "model.layers.0.mlp.gate_proj.weight" in trained and "model.layers.1.mlp.down_proj.weight" in trained
+    randomize_lora(ours)
+    with torch.no_grad():
+        ours.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    save_adapter(ours, tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert {f"base_model.model.{n}" for n in trained} == set(saved)  # everything that trains is saved
+    back = load_adapter(build("llama"), tmp_path / "a")
+    assert (logits(back, ids) - logits(ours, ids)).abs().max() <= 1e-6
+    theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "a").eval()
+    assert (logits(theirs, ids) - logits(ours, ids)).abs().max() <= 1e-5
