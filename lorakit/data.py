@@ -90,7 +90,7 @@ def _csv_rows(text: str, source: str) -> Rows:
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as e:
         raise DataError(f"{source}: not valid CSV ({e})") from None
-    # The header is line 1; a row's line is its index + 2 when no field spans lines.
+    # Counted in rows, not lines: a quoted field may span several lines.
     return Rows([{k: v for k, v in row.items() if k is not None} for row in rows],
                 [f"{source}, row {i + 1}" for i in range(len(rows))])
 
