@@ -141,6 +141,8 @@ def train(
     Progress, validation loss and checkpoints go to training.output_dir. Ctrl-C saves a
     checkpoint; rerun with --resume to continue exactly where it stopped.
     """
+    if resume and overwrite:
+        raise InputError("--resume continues the run in output_dir and --overwrite deletes it: choose one")
     cfg = _load(config, overrides)
     if (num_processes > 1 or accelerate_config) and "LOCAL_RANK" not in os.environ:
         from lorakit.launch import launch

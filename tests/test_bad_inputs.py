@@ -285,6 +285,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "earlier run without resume": lambda c: (
         (c.root / "run" / "adapter").mkdir(parents=True),
         Case(["train", c.config()], 2, ["already holds a run", "--resume"]))[1],
+    "resume and overwrite together": lambda c: Case(["train", c.config(), "--resume", "--overwrite"], 2,
+                                                    ["--resume", "--overwrite", "choose one"]),
     "resume without checkpoint": lambda c: Case(["train", c.config(), "--resume"], 2, ["no complete checkpoint"]),
     # --- data ------------------------------------------------------------------------
     "data empty file": lambda c: Case(["data", "preview", c.with_data("")], 2, ["d.jsonl", "no rows"]),
