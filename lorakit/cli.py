@@ -214,6 +214,8 @@ def eval_command(
     from lorakit.report import eval_table
 
     out = output or (Path(target) / "eval" if Path(target).is_dir() else Path("eval"))
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file, not a directory")
     results = run_eval(resolve_target(target, base, trust_remote_code), [m.value for m in metric], data, limit, max_new_tokens,
                        batch_size, out, compare_base)
     eval_table(target, results)

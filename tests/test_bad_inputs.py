@@ -350,6 +350,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     # --- paths -----------------------------------------------------------------------
     "eval a run directory": lambda c: Case(["eval", str(c.root), "--data", c.data(
         '{"question": "1", "answer": "2"}\n', "e.jsonl")], 2, ["run or checkpoint directory", "adapter"]),
+    "eval output is a file": lambda c: Case(["eval", str(c.adapter), "--output", c.data("x", "out.txt")], 2,
+                                            ["--output", "is a file"]),
     "eval dot path": lambda c: Case(["eval", "./nothing-here"], 2, ["no such file or directory", "nothing-here"]),
     "eval parent path": lambda c: Case(["eval", "../nothing-here"], 2, ["no such file or directory"]),
     "eval absolute path": lambda c: Case(["eval", str(c.root / "gone")], 2, ["no such file or directory"]),
