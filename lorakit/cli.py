@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from pydantic import ValidationError
 
 from lorakit.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, InputError, LorakitError, TrainingInterrupted
 from lorakit.report import console, fail_message, note
@@ -90,9 +91,7 @@ def _handled(command: Callable) -> Callable:
         except LorakitError as e:
             fail_message(str(e))
             raise typer.Exit(e.exit_code) from None
-        except ValueError as e:
-            if type(e).__name__ != "ValidationError":  # pydantic's: a value the user gave
-                return _unexpected(e)
+        except ValidationError as e:  # pydantic's: a value the user gave
             lines = [f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
                      for err in e.errors()]
             fail_message("invalid input:\n  - " + "\n  - ".join(lines))

@@ -71,19 +71,12 @@ class LoraConfig:
     rank_pattern: dict[str, Count] | None = None
     alpha_pattern: dict[str, float] | None = None
 
-    @field_validator("r")
+    @field_validator("r", "alpha")
     @classmethod
-    def _positive_rank(cls, r: int) -> int:
-        if r <= 0:
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
             raise ValueError("must be > 0")
-        return r
-
-    @field_validator("alpha")
-    @classmethod
-    def _positive_alpha(cls, alpha: float) -> float:
-        if alpha <= 0:
-            raise ValueError("must be > 0")
-        return alpha
+        return value
 
     @field_validator("dropout")
     @classmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorakit.adapter_io import load_adapter, read_adapter, read_adapter_config
+from lorakit.adapter_io import load_adapter, read_adapter
 from lorakit.config import SAVED_CONFIG, read_saved_config
 from lorakit.errors import InputError, MergeError
 from lorakit.files import atomic_directory, overlaps
@@ -130,9 +130,7 @@ def merge_adapters(
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if into not in ("dequantized", "full-precision"):
         raise InputError(f"--into {into!r}: choose dequantized or full-precision")
-    for adapter in adapters:
-        read_adapter(adapter)  # every adapter is checked whole before anything loads
-    configs = [read_adapter_config(a)[0] for a in adapters]
+    configs = [read_adapter(a).config for a in adapters]  # every adapter checked whole before anything loads
     if len(adapters) > 1 and any(c.modules_to_save or c.bias != "none" for c in configs):
         raise InputError("adapters that also train biases or modules_to_save cannot be combined")
     model_cfg = adapter_base_config(adapters[0], base, trust_remote_code)

@@ -20,6 +20,8 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -167,17 +169,14 @@ class _Throughput:
         self.reset()
         return record
 
-    def paused(self):
-        meter = self
-
-        class _Pause:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                meter.start += time.perf_counter() - self.t0
-
-        return _Pause()
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside the block does not count towards tokens/s."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
