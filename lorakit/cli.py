@@ -53,6 +53,21 @@ class Into(str, Enum):
     full_precision = "full-precision"
 
 
+class Target(str, Enum):
+    gguf = "gguf"
+    ollama = "ollama"
+    vllm = "vllm"
+    sglang = "sglang"
+    merged = "merged"
+
+
+class Outtype(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
 class Metric(str, Enum):
     rouge = "rouge"
     bleu = "bleu"
@@ -187,6 +202,37 @@ def merge(
     from lorakit.report import merge_summary
 
     merge_summary(merge_adapters(adapters, output, base, dtype.value, into.value, parsed, force, trust_remote_code))
+
+
+@app.command()
+@_handled
+def export(
+    adapter: Path = typer.Argument(..., help="The adapter directory (e.g. runs/quickstart/adapter)."),
+    to: Target = typer.Option(..., "--to", help="gguf: a llama.cpp LoRA adapter (or with --merged the whole model); "
+                              "ollama: the same plus a Modelfile; vllm / sglang: an adapter checked against the "
+                              "engine's rules; merged: a transformers checkpoint, as lorakit merge."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write (default: export-TARGET "
+                                          "beside the adapter)."),
+    merged: bool = typer.Option(False, "--merged", help="gguf/ollama: export the merged model as one GGUF file "
+                                "instead of an adapter (needs a GGUF base, such as the default model)."),
+    outtype: Outtype = typer.Option(Outtype.f16, help="--merged: the type of the GGUF's weight matrices."),
+    base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
+    name: Optional[str] = typer.Option(None, help="Model name in the printed serve command (default: the run's name)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    trust_remote_code: bool = TRUST_OPT,
+) -> None:
+    """Turn an adapter into what a serving engine runs: llama.cpp, Ollama, vLLM, SGLang.
+
+    Each export computes exactly what lorakit computes (per-layer scales are folded in where
+    an engine has one global scale); what an engine cannot express is refused with the
+    alternative, usually --merged. Prints the command that serves the result.
+    """
+    _quiet_libraries()
+    from lorakit.export import export as run_export
+    from lorakit.report import export_summary
+
+    export_summary(run_export(adapter, to.value, output, merged, outtype.value, base, force, trust_remote_code,
+                              name=name))
 
 
 @app.command("eval")

@@ -91,3 +91,22 @@ def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when ``a`` and ``b`` are the same path or one contains the other (links resolved)."""
     a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
     return a == b or a in b.parents or b in a.parents
+
+
+def check_output_dir(output: Path, inputs: list[str | os.PathLike], force: bool) -> None:
+    """Refuse an output directory that would overwrite an input, that is a file, or that
+    is not empty (unless ``force``).
+
+    Raises:
+        InputError: naming the output and the input it would destroy.
+    """
+    from lorakit.errors import InputError
+
+    for source in inputs:
+        if Path(source).expanduser().exists() and overlaps(output, source):
+            raise InputError(f"--output {output} is, contains or lies inside the input {source}: "
+                             "writing there would destroy it; choose another directory")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a directory")
+    if output.exists() and any(output.iterdir()) and not force:
+        raise InputError(f"--output {output} exists and is not empty; pass --force to replace it")

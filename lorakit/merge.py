@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from lorakit.adapter_io import load_adapter, read_adapter
 from lorakit.config import SAVED_CONFIG, read_saved_config
 from lorakit.errors import InputError, MergeError
-from lorakit.files import atomic_directory, overlaps
+from lorakit.files import atomic_directory, check_output_dir
 from lorakit.inject import lora_modules, unload_lora, untie_adapted
 from lorakit.model import DTYPES, adapter_base_config, load_model, load_tokenizer
 
@@ -77,18 +77,6 @@ def _swap_weights(layers: dict[str, torch.nn.Linear], weights: dict[str, torch.T
     return previous
 
 
-def _check_paths(adapters: list[Path], output: Path, base_paths: list[str], force: bool) -> None:
-    """Refuse an output that would overwrite an input, or a non-empty one without ``force``."""
-    for source in [*adapters, *base_paths]:
-        if Path(source).expanduser().exists() and overlaps(output, source):
-            raise InputError(f"--output {output} is, contains or lies inside the input {source}: "
-                             "writing there would destroy it; choose another directory")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output {output} is a file, not a directory")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise InputError(f"--output {output} exists and is not empty; pass --force to replace it")
-
-
 def merge_adapters(
     adapters: list[Path],
     output: Path,
@@ -135,7 +123,7 @@ def merge_adapters(
         raise InputError("adapters that also train biases or modules_to_save cannot be combined")
     model_cfg = adapter_base_config(adapters[0], base, trust_remote_code)
     output = Path(output)
-    _check_paths(adapters, output, [model_cfg.name_or_path], force)
+    check_output_dir(output, [*adapters, model_cfg.name_or_path], force)
 
     model = load_model(model_cfg).eval()
     tokenizer = load_tokenizer(model_cfg)

@@ -326,3 +326,14 @@ def data_preview_tables(report, tokenizer, max_length: int, n: int) -> None:
                   + f"; {report.over_max_length} rows are cut at max_length", highlight=False)
     for warning in report.warnings:
         console.print(f"[bold yellow]warning:[/] {_e(warning)}", highlight=False)
+
+
+def export_summary(report) -> None:
+    """What ``lorakit export`` wrote and the command that serves it."""
+    note(f"{report.target} export written to", report.output)
+    for file in report.files:
+        note("  ", file)
+    for line in report.notes:
+        note(f"note: {line}")
+    note("serve it with:")
+    console.print(report.command, markup=False, highlight=False, soft_wrap=True)
