@@ -48,7 +48,7 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _base_gguf(name_or_path: str) -> Path | None:
+def base_gguf_file(name_or_path: str) -> Path | None:
     """The GGUF file the base model came from, when it came from one."""
     from lorakit.model import default_gguf
 
@@ -104,7 +104,7 @@ def _gguf_files(adapter_dir: Path, out: Path, merged: bool, outtype: str, base: 
 
     adapter = read_adapter(adapter_dir)
     model_cfg = adapter_base_config(adapter_dir, base, trust_remote_code)
-    base_file = _base_gguf(model_cfg.name_or_path)
+    base_file = base_gguf_file(model_cfg.name_or_path)
     tree = skeleton(model_cfg.name_or_path, trust_remote_code)
     gguf_export.architecture(tree.config)
     if merged:

@@ -1,0 +1,82 @@
+"""Generate with an exported GGUF adapter inside llama.cpp and with lorakit, side by side.
+
+    python scripts/llama_cpp_check.py runs/quickstart/adapter runs/quickstart/export-gguf/adapter.gguf
+
+Greedy continuations of the first validation prompts must be the same token for token.
+llama.cpp runs the adapter on a float32 GGUF of the base (written once by lorakit's own
+GGUF writer, cached beside the converted default model) with a float32 KV cache, so the
+comparison is not blurred by quantization. Needs llama-cpp-python (``make install``).
+Exit status 1 when a continuation differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from llama_cpp import Llama
+
+from lorakit.adapter_io import load_adapter
+from lorakit.data import load_rows, render
+from lorakit.evaluation import prompt_of, resolve_target, stop_ids
+from lorakit.export import base_gguf_file
+from lorakit.files import atomic_file
+from lorakit.gguf_export import tokenizer_metadata, write_model
+from lorakit.model import cache_dir, load_model, load_tokenizer
+
+F32 = 0  # GGML_TYPE_F32
+
+
+def base_f32_gguf(model, source: Path) -> Path:
+    path = cache_dir() / "gguf" / f"{source.stem}-{source.stat().st_size}-f32.gguf"
+    if not path.is_file():
+        with atomic_file(path) as tmp:
+            write_model(tmp, model.state_dict(), model.config, "f32", tokenizer_metadata(source))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapter", help="the lorakit adapter directory")
+    parser.add_argument("gguf", help="its export: adapter.gguf")
+    parser.add_argument("--rows", type=int, default=3, help="validation prompts to compare")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    target = resolve_target(args.adapter)
+    source = base_gguf_file(target.model.name_or_path)
+    if source is None:
+        sys.exit(f"{args.adapter}: its base is not a GGUF model; this check needs one")
+    tokenizer = load_tokenizer(target.model)
+    model = load_model(target.model).eval()
+    base = base_f32_gguf(model, source)
+    load_adapter(model, target.adapter)
+    engine = Llama(str(base), lora_path=args.gguf, n_ctx=1024, verbose=False, type_k=F32, type_v=F32)
+    stops = set(stop_ids(tokenizer))
+
+    rows = load_rows(target.data.validation, "validation").head(args.rows)
+    same = 0
+    for row, where in zip(rows.rows, rows.where):
+        ids = tokenizer(prompt_of(render(row, target.data, tokenizer, where)), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)
+        mine = out[0, len(ids):].tolist()
+        theirs = []
+        for token in engine.generate(ids, temp=0.0, top_k=1, reset=True):
+            theirs.append(token)
+            if token in stops or len(theirs) == args.max_new_tokens:
+                break
+        verdict = "same" if mine == theirs else "DIFFERENT"
+        same += mine == theirs
+        print(f"{where}: {verdict}")
+        print(f"  lorakit:   {tokenizer.decode(mine, skip_special_tokens=True)!r}")
+        print(f"  llama.cpp: {tokenizer.decode(theirs, skip_special_tokens=True)!r}")
+    print(f"{same}/{len(rows)} greedy continuations identical in llama.cpp and lorakit")
+    return 0 if same == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
