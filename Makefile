@@ -22,11 +22,14 @@ test: install
 	$(PY) -m pytest -q
 
 # The quickstart: LoRA on the embedded SmolLM2-135M-Instruct, Debian synopsis data, CPU:
-# train, fold the adapter into a plain checkpoint, then score it against the base model.
+# train, fold the adapter into a plain checkpoint, score it against the base model, then export it
+# for llama.cpp and check llama.cpp generates what lorakit does.
 demo: install
 	$(VENV)/bin/lorakit train configs/quickstart.yaml --overwrite
 	$(VENV)/bin/lorakit merge runs/quickstart/adapter --output runs/quickstart/merged --force
 	$(VENV)/bin/lorakit eval runs/quickstart/adapter --metric rouge --limit 60 --max-new-tokens 32 --compare-base
+	$(VENV)/bin/lorakit export runs/quickstart/adapter --to gguf --force
+	$(PY) scripts/llama_cpp_check.py runs/quickstart/adapter runs/quickstart/export-gguf/adapter.gguf
 
 # lorakit against PEFT side by side (layer level, memory, end to end); writes bench.json.
 bench: install

@@ -48,6 +48,18 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class ComputeDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+COMPUTE_OPT = typer.Option(ComputeDtype.auto, "--dtype", help="The base model's compute dtype: auto = bfloat16 "
+                           "where the hardware runs it fast (as training does), else float32; float32 for "
+                           "bit-comparable scores across machines.")
+
+
 class Into(str, Enum):
     dequantized = "dequantized"
     full_precision = "full-precision"
@@ -247,6 +259,7 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, help="Where metrics.json and predictions.jsonl go (default: TARGET/eval)."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model and show the gain."),
     base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
+    dtype: ComputeDtype = COMPUTE_OPT,
     trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Generate greedily on held-out rows and score the outputs, offline.
@@ -261,7 +274,7 @@ def eval_command(
     out = output or (Path(target) / "eval" if Path(target).is_dir() else Path("eval"))
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} is a file, not a directory")
-    results = run_eval(resolve_target(target, base, trust_remote_code), [m.value for m in metric], data, limit, max_new_tokens,
+    results = run_eval(resolve_target(target, base, trust_remote_code, dtype.value), [m.value for m in metric], data, limit, max_new_tokens,
                        batch_size, out, compare_base)
     eval_table(target, results)
     note("scores and predictions written to", out)
@@ -276,6 +289,7 @@ def generate(
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: load another adapter onto the same base."),
     use: Optional[str] = typer.Option(None, help="Which adapter answers (default: TARGET's, else the first)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Generation length limit."),
+    dtype: ComputeDtype = COMPUTE_OPT,
     trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Answer prompts with a fine-tuned model, formatted as in training.
@@ -292,7 +306,7 @@ def generate(
     _quiet_libraries()
     from lorakit.evaluation import Switcher
 
-    switcher = Switcher(target, named, use, trust_remote_code)
+    switcher = Switcher(target, named, use, trust_remote_code, dtype.value)
     for line in prompt or (line.rstrip("\n") for line in sys.stdin):
         if line.startswith(":use "):
             try:  # a typo in an interactive session must not end it

@@ -37,9 +37,14 @@ class Target:
     data: DataConfig | None
 
 
-def resolve_target(path: str, base: str | None = None, trust_remote_code: bool = False) -> Target:
+def resolve_target(path: str, base: str | None = None, trust_remote_code: bool = False,
+                   dtype: str = "auto") -> Target:
     """An adapter directory (its base and data format come from its saved config) or a
     model (a merged directory, a checkpoint, ``default`` or a hub id).
+
+    ``dtype`` is the base's compute dtype (``auto``: bfloat16 where the hardware runs it
+    fast, as training does; adapters keep their float32 factors either way). A QLoRA
+    adapter is scored on the 4-bit base it was trained with.
 
     Raises:
         InputError: a local-looking path that does not exist, or a saved config that is
@@ -52,12 +57,11 @@ def resolve_target(path: str, base: str | None = None, trust_remote_code: bool =
     saved = read_saved_config(directory) if directory.is_dir() else None
     data = saved.data if saved else None
     if (directory / CONFIG_NAME).is_file():
-        model = adapter_base_config(directory, base, trust_remote_code)
+        model = adapter_base_config(directory, base, trust_remote_code).model_copy(update={"dtype": dtype})
         if saved and saved.model.quantization and base is None:  # score what the adapter was trained with
             model = model.model_copy(update={"quantization": saved.model.quantization, "dtype": saved.model.dtype})
         return Target(model, directory, data)
-    # Scores are computed in float32, adapter or not, so that they compare exactly.
-    return Target(ModelConfig(name_or_path=base or path, dtype="float32", trust_remote_code=trust_remote_code),
+    return Target(ModelConfig(name_or_path=base or path, dtype=dtype, trust_remote_code=trust_remote_code),
                   None, data)
 
 
@@ -94,14 +98,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """Batched greedy decoding with left padding; stops at EOS or end of turn."""
     tokenizer.padding_side = "left"
     model.eval()
-    outputs = []
-    for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+    # Prompts of similar length batched together: padding is computed like any token.
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(model.device)
         new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        outputs += tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+        texts = tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        outputs.update(zip(chunk, texts))
+    return [outputs[i].strip() for i in range(len(prompts))]
 
 
 def _score_model(model, tokenizer, segments, references, data, metrics, max_new_tokens, batch_size) -> tuple[dict, list[str]]:
@@ -193,12 +202,12 @@ class Switcher:
     """One base model in memory and several adapters to answer with, switched by name."""
 
     def __init__(self, target: str, adapters: dict[str, str], use: str | None = None,
-                 trust_remote_code: bool = False) -> None:
-        main = resolve_target(target, trust_remote_code=trust_remote_code)
+                 trust_remote_code: bool = False, dtype: str = "auto") -> None:
+        main = resolve_target(target, trust_remote_code=trust_remote_code, dtype=dtype)
         self.adapters = {**({"main": str(main.adapter)} if main.adapter else {}), **adapters}
         for name, directory in adapters.items():
             read_adapter(directory)  # every adapter is checked before the base loads
-        first = resolve_target(next(iter(self.adapters.values())), trust_remote_code=trust_remote_code) \
+        first = resolve_target(next(iter(self.adapters.values())), trust_remote_code=trust_remote_code, dtype=dtype) \
             if self.adapters else main
         self.tokenizer = load_tokenizer(first.model)
         self.model = load_model(first.model).eval()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from llama_cpp import Llama
 
 from lorakit.adapter_io import load_adapter
@@ -44,6 +45,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=3, help="validation prompts to compare")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
 
     target = resolve_target(args.adapter)
     source = base_gguf_file(target.model.name_or_path)

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import arithmetic_rows, tiny_config, write_jsonl
@@ -76,9 +77,22 @@ def test_eval_merged_model_matches_adapter(adapters, tmp_path):
     merged = tmp_path / "merged"
     assert runner.invoke(app, ["merge", str(adapters["a"]), "--output", str(merged)]).exit_code == 0
     kw = dict(limit=4, max_new_tokens=4, batch_size=4)
-    from_adapter = run_eval(resolve_target(str(adapters["a"])), ["rouge", "perplexity"], **kw)
-    from_merged = run_eval(resolve_target(str(merged)), ["rouge", "perplexity"], **kw)
+    from_adapter = run_eval(resolve_target(str(adapters["a"]), dtype="float32"), ["rouge", "perplexity"], **kw)
+    from_merged = run_eval(resolve_target(str(merged), dtype="float32"), ["rouge", "perplexity"], **kw)
     assert from_merged["model"]["loss"] == pytest.approx(from_adapter["model"]["loss"], abs=1e-4)
+
+
+def test_eval_computes_in_the_training_dtype_by_default(adapters):
+    """``auto`` is bfloat16 where it is fast (the adapter's factors stay float32); scores stay close to float32's."""
+    from lorakit.model import bf16_is_fast, load_model
+
+    auto, exact = resolve_target(str(adapters["a"])), resolve_target(str(adapters["a"]), dtype="float32")
+    assert auto.model.dtype == "auto" and exact.model.dtype == "float32"
+    expected = torch.bfloat16 if bf16_is_fast() else torch.float32
+    assert load_model(auto.model).dtype == expected
+    kw = dict(limit=4, max_new_tokens=4, batch_size=4)
+    fast, slow = (run_eval(t, ["perplexity"], **kw)["model"]["loss"] for t in (auto, exact))
+    assert fast == pytest.approx(slow, rel=2e-2)
 
 
 def test_generation_prompt_follows_training_format(adapters):
