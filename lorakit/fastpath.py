@@ -86,10 +86,8 @@ class SharedInput:
                 x_in = F.dropout(x, layer.dropout, training=True)
             else:
                 x_in = x
-            if x_in.dtype != weights[0].dtype:
-                x_in = x_in.to(weights[0].dtype)
             x_in = x_in.reshape(-1, x_in.shape[-1])
-            parts = F.linear(x_in, torch.cat(weights)).split([w.shape[0] for w in weights], -1)
+            parts = F.linear(x_in, torch.cat(weights).to(x_in.dtype)).split([w.shape[0] for w in weights], -1)
             self._input, self._version = x, x._version
             self._parts = {id(m): part for m, part in zip(self.layers, parts)}
         part = self._parts.pop(id(layer))

@@ -20,6 +20,11 @@ the update a pretrained model needs for a new task has a low intrinsic rank, so 
 with ``r ≪ min(d_in, d_out)`` captures it with a fraction of the parameters, and merging
 it leaves inference exactly as fast as the base.
 
+The factors are stored (and trained, and saved) in float32; the update is computed in the
+activations' dtype, as mixed precision does everywhere: under ``dtype: auto`` on bf16
+hardware that is bfloat16 with float32 accumulation, which the bf16 base output it is
+added to could not hold more precisely anyway. ``delta_weight`` and merging stay float32.
+
 Speed-ups that do not change the formula (sibling projections sharing one dropout and one
 A matmul, plain layers called as ``F.linear``, bitsandbytes' quirks) live in
 ``lorakit.fastpath``. This module imports torch only.
@@ -133,11 +138,9 @@ class LoRALinear(nn.Module):
             if self.dropout and self.training:
                 a_in = F.dropout(a_in, self.dropout, training=True)
             A = modules["lora_A"]._parameters["weight"]
-            if a_in.dtype != A.dtype:
-                a_in = a_in.to(A.dtype)
-            a = F.linear(a_in, A)  # (rows, r)
+            a = F.linear(a_in, A.to(a_in.dtype))  # (rows, r)
         result = base_rows(base, bare, x, rows)
-        B = modules["lora_B"]._parameters["weight"]
+        B = modules["lora_B"]._parameters["weight"].to(a.dtype)
         if self.sliced:
             parts = [F.linear(a_i, b_i) for a_i, b_i in zip(a.split(self.r, -1), B.split(self.slice_sizes))]
             delta = torch.cat(parts, -1) * self.scaling
