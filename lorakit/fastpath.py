@@ -5,6 +5,7 @@
   upgrade move them, every layer simply takes the module call.
 - ``SharedInput``: sibling projections (q/k/v, gate/up) share one dropout mask and one
   matmul against their stacked A factors while training.
+- ``dropout``: the adapter's input dropout with a cheaper random mask on the CPU.
 - bitsandbytes 4-bit weights: detection, dequantization, and undoing the CPU repacking.
 """
 
@@ -83,7 +84,7 @@ class SharedInput:
         if x is not self._input or x._version != self._version or id(layer) not in self._parts:
             weights = [m._modules["lora_A"]._parameters["weight"] for m in self.layers]
             if layer.dropout and layer.training:
-                x_in = F.dropout(x, layer.dropout, training=True)
+                x_in = dropout(x, layer.dropout)
             else:
                 x_in = x
             x_in = x_in.reshape(-1, x_in.shape[-1])
@@ -94,6 +95,19 @@ class SharedInput:
         if not self._parts:
             self._input = None  # the last member took its part: keep nothing alive
         return part
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout, as ``F.dropout(x, p, training=True)`` computes it.
+
+    On the CPU the keep-mask comes from 31-bit integer draws compared with ``p·2³¹``:
+    about twice as fast as the float Bernoulli draws of ``F.dropout`` (the random number
+    generator is most of dropout's cost there), and ``p`` is honoured to 2⁻³¹.
+    """
+    if x.device.type != "cpu" or p >= 1:
+        return F.dropout(x, p, training=True)
+    draws = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2³¹)
+    return x * (draws >= round(p * 2**31)) * (1 / (1 - p))
 
 
 def is_bare_linear(layer: nn.Module) -> bool:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, is_4bit, is_bare_linear, unpack_cpu_4bit
+from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, dropout, is_4bit, is_bare_linear, unpack_cpu_4bit
 
 
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -136,7 +136,7 @@ class LoRALinear(nn.Module):
         else:
             a_in = rows
             if self.dropout and self.training:
-                a_in = F.dropout(a_in, self.dropout, training=True)
+                a_in = dropout(a_in, self.dropout)
             A = modules["lora_A"]._parameters["weight"]
             a = F.linear(a_in, A.to(a_in.dtype))  # (rows, r)
         result = base_rows(base, bare, x, rows)

@@ -163,10 +163,12 @@ def test_conv1d_fan_in_fan_out():
 
 
 def test_dropout_zero_never_calls_dropout(monkeypatch):
+    import lorakit.lora
+
     def boom(*a, **k):
         raise AssertionError("dropout called")
 
-    monkeypatch.setattr(torch.nn.functional, "dropout", boom)
+    monkeypatch.setattr(lorakit.lora, "dropout", boom)
     layer = _layer(dropout=0.0).train()
     layer(torch.randn(2, 16))  # no call
     with pytest.raises(AssertionError, match="dropout called"):
@@ -208,3 +210,18 @@ def test_parameter_count_formula(d_in, d_out, r, expected):
     assert n == expected == r * (d_in + d_out)
     if (d_in, d_out) == (512, 64):
         assert round(1 - n / (d_in * d_out), 2) == 0.86  # the seeds' 86% reduction
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_is_inverted_dropout_at_rate_p(p, dtype):
+    from lorakit.fastpath import dropout
+
+    x = torch.ones(1000, 1000, dtype=dtype, requires_grad=True)
+    out = dropout(x, p)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 5e-3  # 1e6 draws: sd 2e-4 at p=0.5
+    assert torch.allclose(out[kept].float(), torch.tensor(1 / (1 - p)), rtol=1e-2)  # survivors scaled
+    out.float().sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # gradient flows through the same mask
+    assert not torch.equal(dropout(x, p), dropout(x, p))  # a new mask each call
