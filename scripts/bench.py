@@ -326,8 +326,10 @@ def e2e_child(lib: str, seed: int, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"training.max_steps={steps}", f"training.output_dir={tmp}/run", "training.eval_every=null",
                      "training.save_every=null", f"training.seed={seed}"]
+        if lib == "lorakit-float32":
+            overrides.append("model.dtype=float32")
         cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
-        if lib == "lorakit":
+        if lib.startswith("lorakit"):
             from lorakit.train import train
 
             history = train(cfg).history
@@ -342,26 +344,72 @@ def e2e_child(lib: str, seed: int, steps: int) -> None:
                       "peak_mb": peak_bytes() / 2**20}))
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, iters: int = 10) -> float:
+    """FLOP/s of an n×n matmul in ``dtype``: the peak MFU is measured against."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device()) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if device() == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def train_flops_per_token() -> float:
+    """A LoRA step's matmul FLOPs per token on SmolLM2: forward 2N and backward to the inputs 2N,
+    N the parameters of the transformer blocks (the head runs on labelled tokens only)."""
+    from lorakit.config import ModelConfig
+    from lorakit.targets import skeleton
+
+    tree = skeleton(ModelConfig().name_or_path)
+    blocks = sum(p.numel() for name, p in tree.named_parameters() if ".layers." in name)
+    return 4 * blocks
+
+
 def end_to_end(steps: int, seeds: int) -> list[dict]:
-    """The quickstart config: lorakit train against PEFT + transformers.Trainer, over
-    ``seeds`` seeds (a 20-step run's validation loss moves by several hundredths with
-    the data order alone), each run in a fresh process so that its peak memory is its own."""
-    runs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
+    """The quickstart config, lorakit train against PEFT + transformers.Trainer at its best (same
+    compute dtype, batches grouped by length), and lorakit in float32 for the dtype's share;
+    over ``seeds`` seeds (a 20-step run's validation loss moves by several hundredths with
+    the data order alone), each run in a fresh process so that its peak memory is its own.
+    MFU is against the matmul peak of the run's dtype, measured here first."""
+    from lorakit.config import ModelConfig
+    from lorakit.model import resolve_dtype
+
+    auto = resolve_dtype(ModelConfig())
+    peaks = {"auto": matmul_peak(auto), "float32": matmul_peak(torch.float32)}
+    flops = train_flops_per_token()
+    libs = ("lorakit", "peft", "lorakit-float32")
+    runs: dict[str, list[dict]] = {lib: [] for lib in libs}
     for seed in range(seeds):
-        for lib in ("lorakit", "peft") if seed % 2 == 0 else ("peft", "lorakit"):
+        for lib in libs if seed % 2 == 0 else libs[::-1]:
             out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, str(seed), str(steps)],
                                  capture_output=True, text=True, check=True)
             runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    lk, pf = ({k: [r[k] for r in runs[lib]] for k in runs[lib][0]} for lib in ("lorakit", "peft"))
-    speed = {"model": "SmolLM2", "what": f"end to end quickstart, {steps} steps × {seeds} seeds: tokens/s",
+    lk, pf, f32 = ({k: [r[k] for r in runs[lib]] for k in runs[lib][0]} for lib in libs)
+
+    def mfu(tokens_per_s: float, peak: float) -> float:
+        return tokens_per_s * flops / peak
+
+    speed = {"model": "SmolLM2", "what": f"end to end quickstart ({auto}), {steps} steps × {seeds} seeds: tokens/s",
              "a_s": statistics.mean(lk["tokens_per_s"]), "b_s": statistics.mean(pf["tokens_per_s"]),
              "ratio": statistics.mean(lk["tokens_per_s"]) / statistics.mean(pf["tokens_per_s"]), "spread": None,
              "lorakit_val_loss": statistics.mean(lk["val_loss"]), "peft_val_loss": statistics.mean(pf["val_loss"]),
-             "lorakit_val_losses": lk["val_loss"], "peft_val_losses": pf["val_loss"]}
+             "lorakit_val_losses": lk["val_loss"], "peft_val_losses": pf["val_loss"],
+             "lorakit_mfu": mfu(statistics.mean(lk["tokens_per_s"]), peaks["auto"]),
+             "peft_mfu": mfu(statistics.mean(pf["tokens_per_s"]), peaks["auto"]),
+             "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()}}
+    dtype = {"model": "SmolLM2", "what": f"end to end quickstart: lorakit {auto} / lorakit float32, tokens/s",
+             "a_s": statistics.mean(lk["tokens_per_s"]), "b_s": statistics.mean(f32["tokens_per_s"]),
+             "ratio": statistics.mean(lk["tokens_per_s"]) / statistics.mean(f32["tokens_per_s"]), "spread": None,
+             "lorakit_val_loss": statistics.mean(lk["val_loss"]), "peft_val_loss": statistics.mean(f32["val_loss"]),
+             "float32_val_losses": f32["val_loss"], "float32_mfu": mfu(statistics.mean(f32["tokens_per_s"]),
+                                                                       peaks["float32"])}
     memory = {"model": "SmolLM2", "what": "end to end quickstart: peak memory MB (whole process on the CPU)",
               "a_s": max(lk["peak_mb"]), "b_s": max(pf["peak_mb"]), "ratio": max(lk["peak_mb"]) / max(pf["peak_mb"]),
-              "spread": None}
-    return [speed, memory]
+              "spread": None, "float32_peak_mb": max(f32["peak_mb"])}
+    return [speed, dtype, memory]
 
 
 def show(rows: list[dict]) -> None:
@@ -383,6 +431,10 @@ def show(rows: list[dict]) -> None:
             notes.append("per process " + " / ".join(f"{x:.2f}" for x in r["per_process"]))
         if "lorakit_val_loss" in r:
             notes.append(f"mean val loss {r['lorakit_val_loss']:.4f} vs {r['peft_val_loss']:.4f}")
+        if "lorakit_mfu" in r:
+            notes.append(f"MFU {r['lorakit_mfu']:.1%} vs {r['peft_mfu']:.1%}")
+        if "float32_mfu" in r:
+            notes.append(f"float32 MFU {r['float32_mfu']:.1%}")
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
         table.add_row(r["model"], r["what"], f"{r['a_s']:.4g}", f"{r['b_s']:.4g}", f"{r['ratio']:.2f}", spread,
                       "; ".join(notes))
@@ -397,6 +449,7 @@ def main() -> None:
     parser.add_argument("--e2e-child", nargs=3, metavar=("LIB", "SEED", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
     parser.add_argument("--e2e-seeds", type=int, default=3, help="seeds of the end-to-end comparison")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end rows")
     parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
@@ -408,6 +461,12 @@ def main() -> None:
         lib, seed, steps = args.e2e_child
         return e2e_child(lib, int(seed), int(steps))
     reps, iters = (3, 1) if args.quick else (5, 2)
+    if args.e2e_only:
+        rows = end_to_end(args.e2e_steps, args.e2e_seeds)
+        show(rows)
+        Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
+                                                 "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        return
     rows = layer_level("tiny", reps, iters * 2, args.quick) + [qlora_step(reps, 1)] + peak_memory("tiny", args.quick)
     if not args.quick:
         rows += layer_level("smollm2", reps, 1, quick=True) + peak_memory("smollm2", quick=True)
