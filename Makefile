@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # No -march=native: these VMs report AMX, which llama.cpp's quantized kernels then use and crash on.
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench gpu-check
 
 install: $(STAMP)
 
@@ -34,3 +34,8 @@ demo: install
 # lorakit against PEFT side by side (layer level, memory, end to end); writes bench.json.
 bench: install
 	$(PY) scripts/bench.py --output scripts/results/bench.json
+
+# On a machine with one CUDA GPU and a CUDA build of torch: training (bf16, QLoRA), merge,
+# eval and the end-to-end bench rows, under 8 minutes, one summary (not run by CI).
+gpu-check:
+	scripts/gpu_check.sh

@@ -40,7 +40,7 @@ PREFIX = "base_model.model."
 _IMPLEMENTED = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
     "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "init_lora_weights", "fan_in_fan_out",
+    "init_lora_weights", "fan_in_fan_out", "use_dora",
 }
 # Keys that describe the file, not the function the adapter computes (or settings used only
 # to initialise it, such as EVA's: after training, the saved A and B are all there is).
@@ -51,7 +51,6 @@ _METADATA = {
 # PEFT settings lorakit does not implement: accepted only at their default (off), and
 # what each one would change, for the refusal message.
 _NOT_IMPLEMENTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA: a trained magnitude vector rescales every column)",
     "lora_bias": "a trained bias on lora_B",
     "target_parameters": "LoRA on raw parameters (e.g. mixture-of-experts weights)",
     "trainable_token_indices": "trained rows of the embedding matrix (trainable tokens)",
@@ -123,7 +122,7 @@ def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
         "layers": [layers] if isinstance(layers, int) else layers, "layers_pattern": peft.get("layers_pattern"),
         "exclude_modules": peft.get("exclude_modules"), "rank_pattern": peft.get("rank_pattern") or None,
         "alpha_pattern": peft.get("alpha_pattern") or None,
-        "init": _PLAIN_INITS[peft.get("init_lora_weights", True)],
+        "init": _PLAIN_INITS[peft.get("init_lora_weights", True)], "use_dora": peft.get("use_dora") or False,
     }
     try:
         return LoraConfig(**fields)
@@ -238,6 +237,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
         B = module.lora_B.weight.detach()
         state[f"{PREFIX}{name}.lora_B.weight"] = _place_blocks(module, list(B.split(module.slice_sizes))) if module.sliced else B
+        if module.use_dora:
+            state[f"{PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector.detach()
     for name, param in model.named_parameters(remove_duplicate=False):
         if is_extra(name, config, set(modules)):
             state[PREFIX + name] = param.detach()
@@ -277,7 +278,7 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules.values()),
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "modules_to_save": config.modules_to_save,
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
         "layers_to_transform": None,
@@ -318,7 +319,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 def _existing_plan(model: nn.Module) -> dict[str, Target]:
     """The plan a model with LoRA layers was built from (r per slice, slices as PEFT saves them)."""
     return {n: Target(n, m.in_features, m.out_features, m.r, m.alpha, tuple(str(i) for i in range(len(m.slice_sizes)))
-                      if m.sliced else (), tuple(m.slice_sizes) if m.sliced else ())
+                      if m.sliced else (), tuple(m.slice_sizes) if m.sliced else (), m.use_dora)
             for n, m in lora_modules(model).items()}
 
 
@@ -334,6 +335,8 @@ def expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[in
     for name, target in plan.items():
         shapes[f"{PREFIX}{name}.lora_A.weight"] = (target.rank, target.d_in)
         shapes[f"{PREFIX}{name}.lora_B.weight"] = (target.d_out, target.rank)
+        if target.dora:
+            shapes[f"{PREFIX}{name}.lora_magnitude_vector"] = (target.d_out,)
     for name, param in model.named_parameters(remove_duplicate=False):
         wrapped = name if existing else _wrapped_name(name, plan)
         if is_extra(wrapped, config, set(plan)):
@@ -355,8 +358,10 @@ def adapter_problems(model: nn.Module, adapter: Adapter) -> list[str]:
     except LoraError as e:
         return [str(e)]
     state = adapter.tensors
-    unsupported = {"lora_embedding_": "LoRA on embeddings", "lora_magnitude_vector": "DoRA magnitudes"}
-    problems = [f"the adapter has {k}: {what} is not supported" for part, what in unsupported.items()
+    unsupported = {"lora_embedding_": "LoRA on embeddings is not supported"}
+    if not adapter.config.use_dora:
+        unsupported["lora_magnitude_vector"] = "DoRA magnitudes, yet its config does not set use_dora"
+    problems = [f"the adapter has {k}: {what}" for part, what in unsupported.items()
                 for k in state if part in k][:1]
     problems += [f"the adapter has {k}, which is no LoRA target of this {type(model).__name__}"
                  for k in state if k not in expected and not any(part in k for part in unsupported)]

@@ -65,7 +65,7 @@ class Into(str, Enum):
     full_precision = "full-precision"
 
 
-class Target(str, Enum):
+class ExportTarget(str, Enum):
     gguf = "gguf"
     ollama = "ollama"
     vllm = "vllm"
@@ -220,7 +220,7 @@ def merge(
 @_handled
 def export(
     adapter: Path = typer.Argument(..., help="The adapter directory (e.g. runs/quickstart/adapter)."),
-    to: Target = typer.Option(..., "--to", help="gguf: a llama.cpp LoRA adapter (or with --merged the whole model); "
+    to: ExportTarget = typer.Option(..., "--to", help="gguf: a llama.cpp LoRA adapter (or with --merged the whole model); "
                               "ollama: the same plus a Modelfile; vllm / sglang: an adapter checked against the "
                               "engine's rules; merged: a transformers checkpoint, as lorakit merge."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write (default: export-TARGET "

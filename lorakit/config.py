@@ -55,6 +55,8 @@ class LoraConfig:
         exclude_modules: never adapt these (names or ``.suffix`` of the path, or one regex).
         rank_pattern: per-module rank, ``{regex matching the end of the path: r}`` (PEFT's rule).
         alpha_pattern: per-module alpha, the same way.
+        use_dora: DoRA (weight-decomposed LoRA): also train a magnitude per output row of
+            each adapted layer; about a third more time per step, merges exactly.
     """
 
     r: Count = 8
@@ -70,6 +72,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, Count] | None = None
     alpha_pattern: dict[str, float] | None = None
+    use_dora: bool = False
 
     @field_validator("r", "alpha")
     @classmethod

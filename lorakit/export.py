@@ -70,7 +70,11 @@ def _layers(adapter: Adapter, tree) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def _no_extras(adapter: Adapter, engine: str) -> None:
+    """Refuse what ``engine``'s adapters cannot carry: DoRA, trained whole modules, trained biases."""
     config = adapter.config
+    if config.use_dora:
+        raise LoraError(f"{adapter.path} is a DoRA adapter, which {engine} cannot apply (its magnitudes rescale "
+                        "the whole weight); export the merged model instead (--merged or --to merged)")
     if config.modules_to_save:
         raise LoraError(f"{adapter.path} also trains whole modules ({', '.join(config.modules_to_save)}), which "
                         f"{engine} adapters cannot carry; export the merged model instead (--merged or --to merged)")
@@ -145,11 +149,17 @@ def _chat_template(adapter_dir: Path, base: str | None, trust_remote_code: bool)
 
 
 def _modelfile(from_: str, adapter: str | None, template: str, stops: list[str]) -> str:
+    """Ollama's Modelfile; refused where its quoting cannot hold the template or a stop string."""
+    if '"""' in template:
+        raise InputError('the prompt template contains """, which an Ollama Modelfile cannot quote')
+    bad = [s for s in stops if '"' in s or "\n" in s]
+    if bad:
+        raise InputError(f"the stop string {bad[0]!r} cannot be written in an Ollama Modelfile")
     lines = [f"FROM {from_}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     lines.append(f'TEMPLATE """{template}"""')
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines.append("PARAMETER temperature 0")  # greedy, as lorakit eval and generate decode
     return "\n".join(lines) + "\n"
 

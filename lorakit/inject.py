@@ -183,6 +183,7 @@ class Target:
     alpha: float
     roles: tuple[str, ...] = ()  # q/k/v slices of a fused layer; () = the whole layer
     slice_sizes: tuple[int, ...] = ()
+    dora: bool = False  # also a trained magnitude per output row
 
     @property
     def rank(self) -> int:
@@ -191,8 +192,9 @@ class Target:
 
     @property
     def params(self) -> int:
-        """Trainable parameters this layer adds (A and B)."""
-        return self.rank * self.d_in + self.r * (sum(self.slice_sizes) if self.roles else self.d_out)
+        """Trainable parameters this layer adds (A and B, and DoRA's magnitudes)."""
+        return self.rank * self.d_in + self.r * (sum(self.slice_sizes) if self.roles else self.d_out) \
+            + (self.d_out if self.dora else 0)
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -225,9 +227,12 @@ def plan_injection(model: nn.Module, config: LoraConfig, strict: bool = True) ->
         if roles:
             rows = _fused_rows(model, name, modules[name])
             sizes = tuple(len(rows[role]) for role in roles)
+        if roles and config.use_dora:
+            raise LoraError(f"lora.use_dora adapts whole layers, and {name} would get q/k/v slices: target it "
+                            f"by name ({name.rsplit('.', 1)[-1]}) instead of by role")
         if strict and r > min(d_in, *(sizes or (d_out,))):  # PEFT allows it: adapters may carry it
             too_big.append(f"{name} r={r}, {d_in} → {d_out}{', slices ' + str(list(sizes)) if sizes else ''}")
-        plan[name] = Target(name, d_in, d_out, r, alpha, tuple(roles), sizes)
+        plan[name] = Target(name, d_in, d_out, r, alpha, tuple(roles), sizes, config.use_dora)
     for entry in config.modules_to_save or []:
         if not any(n and _matches(n, entry) for n in modules):
             raise LoraError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}")
@@ -268,6 +273,7 @@ def add_lora(model: nn.Module, config: LoraConfig, strict: bool = True) -> nn.Mo
             init=config.init,
             fan_in_fan_out=isinstance(base, Conv1D),
             out_slices=[rows[role] for role in target.roles] if rows else None,
+            use_dora=config.use_dora,
         )
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, wrapper)
@@ -296,7 +302,7 @@ def _group_shared_inputs(model: nn.Module) -> None:
     for name, module in lora_modules(model).items():
         parent, _, leaf = name.rpartition(".")
         family = next((i for i, names in enumerate(_SHARED_INPUT) if leaf in names), None)
-        if family is not None and not module.sliced and module.dropout:
+        if family is not None and not module.sliced and module.dropout and not module.use_dora:
             groups.setdefault((parent, family), []).append(module)
     for members in groups.values():
         if len(members) > 1 and len({(m.dropout, m.lora_A.weight.dtype, m.in_features) for m in members}) == 1:

@@ -10,6 +10,13 @@ A frozen projection ``W0`` gets a trainable low-rank update::
 A starts random and B starts at zero, so a fresh adapter changes nothing.
 ``merge()`` folds ``scaling·B·A`` into ``W0`` and ``unmerge()`` takes it back out.
 
+DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") also trains a
+magnitude ``m`` per output row and renormalises the adapted weight row by row::
+
+    W' = m · (W0 + scaling·B·A) / ‖W0 + scaling·B·A‖_row        m starts at ‖W0‖_row
+
+with the norm treated as a constant in backward (the paper's section 4.3, as PEFT does).
+
 Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``)
 can carry adapters on some output slices only, as loralib's ``MergedLinear``: slice
 ``i`` owns rows ``r·i … r·(i+1)`` of A and its own block of B, and writes only to
@@ -39,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, dropout, is_4bit, is_bare_linear, unpack_cpu_4bit
+from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, dequantized_weight, dropout, is_4bit, is_bare_linear, unpack_cpu_4bit
 
 
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -61,6 +68,7 @@ class LoRALinear(nn.Module):
         fan_in_fan_out: the base stores its weight as ``(d_in, d_out)`` (GPT-2 ``Conv1D``).
         out_slices: for fused layers, one index tensor of output rows per adapted slice;
             ``None`` adapts every output.
+        use_dora: weight-decomposed LoRA (a trained magnitude per output row).
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class LoRALinear(nn.Module):
         init: str = "kaiming",
         fan_in_fan_out: bool = False,
         out_slices: list[torch.Tensor] | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if r <= 0:
@@ -97,6 +106,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, n_slices * r, bias=False, **factory)
         self.lora_B = nn.Linear(r, sum(self.slice_sizes), bias=False, **factory)
         self.reset_parameters(init)
+        self.use_dora = use_dora
+        if use_dora:
+            if out_slices:
+                raise LoraError("DoRA adapts whole layers: target the fused layer by name, not q/k/v slices")
+            self.lora_magnitude_vector = nn.Parameter(self._row_norm(self.delta_weight().detach()))
         self.shared_input: SharedInput | None = None  # set by lorakit.inject for sibling projections
         self.train(base_layer.training)  # a wrapper must not switch dropout on in an eval model
 
@@ -127,6 +141,8 @@ class LoRALinear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         if self.merged:
             return base_rows(base, bare, x, rows).view(*lead, -1)
+        if self.use_dora:
+            return self._dora_forward(rows, base_rows(base, bare, x, rows)).view(*lead, -1)
         # The down-projection before the base, while x is still in cache: the base's weight
         # matrix streams through the cache and evicts it (measured: a 1x8-token forward through
         # many adapters pays less this way round).
@@ -149,6 +165,31 @@ class LoRALinear(nn.Module):
             # Scale the rank-r intermediate: backward then pays for r columns, not d_out.
             return add_update(result, a * self.scaling, B, 1.0, bare).view(*lead, -1)
         return add_update(result, a, B, self.scaling, bare).view(*lead, -1)
+
+    def _dense_base(self) -> torch.Tensor:
+        """The base weight as ``(d_out, d_in)`` in float32 (dequantized for a 4-bit base)."""
+        weight = dequantized_weight(self.base_layer).float()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _row_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """``‖W0 + delta‖`` per output row, float32; ``delta`` in the base weight's layout."""
+        weight = self._dense_base() + (delta.T if self.fan_in_fan_out else delta)
+        return torch.linalg.vector_norm(weight, dim=1)
+
+    def _dora_forward(self, rows: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``W'·x + bias`` as PEFT computes it: the base output rescaled, plus the rescaled update."""
+        modules = self._modules
+        A, B = modules["lora_A"].weight, modules["lora_B"].weight
+        x = dropout(rows, self.dropout) if self.dropout and self.training else rows
+        norm = self._row_norm(self.delta_weight().detach()).detach()  # a constant in backward (section 4.3)
+        scale = (self.lora_magnitude_vector / norm).to(result.dtype)
+        if x is rows:  # the base output without its bias
+            bias = self.base_layer.bias
+            base = result if bias is None else result - bias
+        else:
+            base = F.linear(x.to(result.dtype), self._dense_base().to(result.dtype))
+        update = F.linear(F.linear(x.to(A.dtype), A), B) * self.scaling
+        return result + (scale - 1) * base + scale * update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` in the base weight's layout, computed in float32."""
@@ -185,7 +226,14 @@ class LoRALinear(nn.Module):
         if not base.dtype.is_floating_point:
             raise LoraError(f"cannot merge into a {base.dtype} weight (an 8-bit base): use `lorakit merge`, "
                             "which folds the adapter into the full-precision base")
-        merged = base.float() + weight * self.delta_weight()
+        delta = self.delta_weight()
+        merged = base.float() + weight * delta
+        if self.use_dora:
+            if weight != 1.0:
+                raise LoraError("a DoRA adapter cannot be merged at a weight other than 1: its magnitudes "
+                                "renormalise the whole weight, so there is no half-strength DoRA")
+            self.dora_factor = (self.lora_magnitude_vector.float() / self._row_norm(delta)).detach()
+            merged = merged * (self.dora_factor[None, :] if self.fan_in_fan_out else self.dora_factor[:, None])
         if not torch.isfinite(merged).all():
             raise LoraError("merging produced NaN/inf weights: the adapter is broken")
         base.copy_(merged)
@@ -197,7 +245,10 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_(weight.float() - self.merged_weight * self.delta_weight())
+        current = weight.float()
+        if self.use_dora:
+            current = current / (self.dora_factor[None, :] if self.fan_in_fan_out else self.dora_factor[:, None])
+        weight.copy_(current - self.merged_weight * self.delta_weight())
         self.merged = False
 
     def merged_linear(self) -> nn.Module:
@@ -216,4 +267,4 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         slices = f", slices={len(self.slice_sizes)}" if self.sliced else ""
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{slices}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{slices}{', dora' if self.use_dora else ''}"

@@ -121,6 +121,9 @@ def merge_adapters(
     configs = [read_adapter(a).config for a in adapters]  # every adapter checked whole before anything loads
     if len(adapters) > 1 and any(c.modules_to_save or c.bias != "none" for c in configs):
         raise InputError("adapters that also train biases or modules_to_save cannot be combined")
+    if any(c.use_dora for c in configs) and (len(adapters) > 1 or weights != [1.0]):
+        raise InputError("a DoRA adapter merges alone and at weight 1: its magnitudes renormalise the whole "
+                         "weight, so neither a sum of adapters nor a fraction of one is defined")
     model_cfg = adapter_base_config(adapters[0], base, trust_remote_code)
     output = Path(output)
     check_output_dir(output, [*adapters, model_cfg.name_or_path], force)

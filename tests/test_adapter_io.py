@@ -137,8 +137,8 @@ def test_bad_directories_fail_clearly(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(LoraError, match="only LORA"):
         load_adapter(build("llama"), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(LoraError, match="DoRA"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True}))
+    with pytest.raises(LoraError, match="lora_bias"):
         load_adapter(build("llama"), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")

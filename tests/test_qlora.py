@@ -70,3 +70,18 @@ def test_4bit_adapter_roundtrip(quantized, ids, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     again = load_adapter(quantized(), tmp_path / "adapter")
     assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_dora_on_4bit_trains_and_unloads_to_what_it_computed(quantized, ids):
+    """QLoRA + DoRA: the norms are taken of the dequantized weights the kernel multiplies by."""
+    model = add_lora(quantized(), LoraConfig(target_modules=["q_proj", "down_proj"], dropout=0.0, use_dora=True))
+    randomize_lora(model)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_magnitude_vector.mul_(1.1)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.lora_magnitude_vector.grad.abs().sum() > 0 for m in lora_modules(model).values())
+    expected = logits(model, ids)  # train mode: the exact (unpacked) 4-bit kernel
+    plain = unload_lora(model)
+    torch.testing.assert_close(logits(plain, ids), expected, atol=1e-4, rtol=1e-4)
