@@ -490,9 +490,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                               ["destroy"], intact=[c.adapter / "adapter_model.safetensors"]),
     "export output is a file": lambda c: Case(["export", str(c.adapter), "--to", "vllm", "-o",
                                                c.data("x", "file.txt")], 2, ["is a file"]),
-    "export output not empty": lambda c: (c.data("x", "out/x"), Case(
+    "export output not empty": lambda c: ((c.root / "out").mkdir(), c.data("x", "out/x"), Case(
         ["export", str(c.adapter), "--to", "gguf", "-o", str(c.root / "out")], 2, ["not empty", "--force"],
-        intact=[c.root / "out" / "x"]))[1],
+        intact=[c.root / "out" / "x"]))[2],
     "export for another base": lambda c: Case(["export", str(c.adapter), "--to", "gguf", "--base", save_tiny_model(
         c.root / "wide", hidden=96)], 2, ["does not fit"]),
     "export nan": lambda c: Case(["export", _nan(c), "--to", "gguf"], 2, ["NaN"]),
