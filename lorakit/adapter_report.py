@@ -45,6 +45,7 @@ class AdapterReport:
     modules: list[ModuleSpectrum]
     recommended_rank: int
     problems: list[str] = field(default_factory=list)
+    dora: bool = False
 
 
 def spectrum(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -101,7 +102,7 @@ def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterRe
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_tensors=len(tensors), n_params=sum(t.numel() for t in tensors.values()), modules=modules,
         # the smallest rank that keeps 90% of the update energy in most (over half of the) layers
-        recommended_rank=ranks[len(ranks) // 2] if ranks else 0, problems=problems,
+        recommended_rank=ranks[len(ranks) // 2] if ranks else 0, problems=problems, dora=config.use_dora,
     )
 
 

@@ -297,6 +297,9 @@ def inspect_tables(adapter: Path, report) -> None:
                   highlight=False)
     console.print(f"r={report.r}, alpha={report.alpha:g}, scaling={report.scaling:g}; {report.n_tensors} tensors, "
                   f"{report.n_params:,} parameters, dtype {', '.join(report.dtypes)}", highlight=False)
+    if report.dora:
+        console.print("DoRA: each layer computes m·(W0 + ΔW)/‖W0 + ΔW‖ per output row, m its trained magnitudes "
+                      "(the spectra below are of ΔW alone)", highlight=False)
     table = Table(title="updates ΔW = scaling·B·A")
     for column in ("layer", "r", "alpha", "shape", "‖ΔW‖", "top singular values", "rank@90%", "rank@99%"):
         table.add_column(column)
