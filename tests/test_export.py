@@ -78,6 +78,15 @@ def tiny(tmp_path, arch):
     return model, base_gguf
 
 
+def tiny_adapter(tmp_path, arch: str, case: str):
+    """A tiny base (and its F32 GGUF) with a random adapter of ``CASES[case]`` saved in tmp_path/adapter."""
+    model, base_gguf = tiny(tmp_path, arch)
+    add_lora(model, LoraConfig(**CASES[case]))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter")
+    return model, base_gguf
+
+
 def export(*args) -> str:
     result = runner.invoke(app, ["export", *map(str, args)])
     assert result.exit_code == 0, result.output
@@ -103,10 +112,7 @@ def test_gguf_adapter_matches_lorakit_in_llama_cpp(tmp_path, arch, case):
 
 
 def test_gguf_adapter_folds_per_layer_scales_into_one_alpha(tmp_path):
-    model, _ = tiny(tmp_path, "llama")
-    add_lora(model, LoraConfig(**CASES["rslora, patterns, all-linear"]))
-    randomize_lora(model)
-    save_adapter(model, tmp_path / "adapter")
+    model, _ = tiny_adapter(tmp_path, "llama", "rslora, patterns, all-linear")
     output = export(tmp_path / "adapter", "--to", "gguf", "-o", tmp_path / "out")
     assert "folded" in output
     reader = GGUFReader(tmp_path / "out" / "adapter.gguf")
@@ -133,10 +139,7 @@ def test_merged_outtypes_stay_close_to_float32(tmp_path):
 def test_vllm_copy_is_the_same_adapter_for_peft(tmp_path):
     from peft import PeftModel
 
-    model, _ = tiny(tmp_path, "llama")
-    add_lora(model, LoraConfig(**CASES["rslora, patterns, all-linear"]))
-    randomize_lora(model)
-    save_adapter(model, tmp_path / "adapter")
+    model, _ = tiny_adapter(tmp_path, "llama", "rslora, patterns, all-linear")
     output = export(tmp_path / "adapter", "--to", "vllm", "-o", tmp_path / "vllm")
     assert "vllm serve" in output and "--max-lora-rank 8" in output
     copy = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
