@@ -99,14 +99,14 @@ def _merged_state(adapter_dir: Path, base: str | None, trust_remote_code: bool, 
         return state, AutoConfig.from_pretrained(merged)
 
 
-def _gguf_files(adapter_dir: Path, out: Path, merged: bool, outtype: str, base: str | None,
+def _gguf_files(adapter: Adapter, out: Path, merged: bool, outtype: str, base: str | None,
                 trust_remote_code: bool, into: str) -> tuple[str, Path | None, list[str]]:
     """Write the GGUF file into ``out``; return its name, the base GGUF and notes."""
     from lorakit import gguf_export
     from lorakit.model import adapter_base_config
     from lorakit.targets import skeleton
 
-    adapter = read_adapter(adapter_dir)
+    adapter_dir = adapter.path
     model_cfg = adapter_base_config(adapter_dir, base, trust_remote_code)
     base_file = base_gguf_file(model_cfg.name_or_path)
     tree = skeleton(model_cfg.name_or_path, trust_remote_code)
@@ -241,7 +241,7 @@ def export(adapter_dir: str | Path, to: str, output: Path | None = None, merged:
     with atomic_directory(output) as tmp:
         notes: list[str] = []
         if to in ("gguf", "ollama"):
-            file, base_file, notes = _gguf_files(adapter_dir, tmp, merged, outtype, base, trust_remote_code, into)
+            file, base_file, notes = _gguf_files(adapter, tmp, merged, outtype, base, trust_remote_code, into)
             if to == "gguf":
                 model = f"{output / file}" if merged else str(base_file or "BASE.gguf")
                 lora = "" if merged else f" --lora {shlex.quote(str(output / file))}"

@@ -229,3 +229,16 @@ def test_smollm2_exports_run_in_llama_cpp(tmp_path):
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
                                              add_generation_prompt=True)
     assert template.replace("{{ .Prompt }}", "hello") == rendered  # Ollama renders prompts as training did
+
+
+@pytest.mark.parametrize("template, stops, says", [
+    ('a """ b {{ .Prompt }}', ["<|im_end|>"], '"""'),
+    ("{{ .Prompt }}", ['say "stop"'], "stop string"),
+])
+def test_modelfile_refuses_what_its_quoting_cannot_hold(template, stops, says):
+    from lorakit.errors import InputError
+    from lorakit.export import _modelfile
+
+    with pytest.raises(InputError, match=says):
+        _modelfile("/base.gguf", "./adapter.gguf", template, stops)
+    assert _modelfile("/base.gguf", None, "{{ .Prompt }}", ["<|im_end|>"]).startswith("FROM /base.gguf\nTEMPLATE")
