@@ -30,6 +30,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
 from lorakit.files import atomic_file
 from lorakit.inject import Target, add_lora, is_extra, lora_modules, plan_injection
+from lorakit.fastpath import is_4bit
 from lorakit.lora import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -68,8 +69,10 @@ _NOT_IMPLEMENTED = {
     "use_bdlora": "BD-LoRA",
     "ensure_weight_tying": "tied modules_to_save",
 }
-# init_lora_weights values that leave the base model as it was (the saved A and B are all there is).
+# init_lora_weights values that leave the base model as it was (the saved A and B are all there is),
+# and those whose change to the base lorakit rebuilds exactly from the base itself.
 _PLAIN_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "eva": "kaiming"}
+_REBUILT_INITS = {"pissa": "pissa", "olora": "olora"}
 _CONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -88,10 +91,11 @@ def _refusals(peft: dict) -> list[str]:
         what = _NOT_IMPLEMENTED.get(key, "a setting unknown to lorakit (from a newer PEFT?)")
         problems.append(f"{key}={value!r}: {what}")
     init = peft.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
+    if init not in _PLAIN_INITS and init not in _REBUILT_INITS:
         if isinstance(init, str) and init.startswith(_CONVERTED_INITS):
+            why = "a randomized SVD, so that base cannot be rebuilt" if "_niter_" in init else "not rebuildable here"
             problems.append(f"init_lora_weights={init!r}: saved without conversion, the adapter expects a base "
-                            "with its principal components taken out; save it in PEFT with "
+                            f"with its principal components taken out ({why}); save it in PEFT with "
                             "path_initial_model_for_weight_conversion to get a plain LoRA that lorakit loads")
         else:
             problems.append(f"init_lora_weights={init!r}: an initialisation lorakit does not know")
@@ -122,7 +126,7 @@ def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
         "layers": [layers] if isinstance(layers, int) else layers, "layers_pattern": peft.get("layers_pattern"),
         "exclude_modules": peft.get("exclude_modules"), "rank_pattern": peft.get("rank_pattern") or None,
         "alpha_pattern": peft.get("alpha_pattern") or None,
-        "init": _PLAIN_INITS[peft.get("init_lora_weights", True)], "use_dora": peft.get("use_dora") or False,
+        "init": {**_PLAIN_INITS, **_REBUILT_INITS}[peft.get("init_lora_weights", True)], "use_dora": peft.get("use_dora") or False,
     }
     try:
         return LoraConfig(**fields)
@@ -234,8 +238,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     modules = lora_modules(model)
     state = {}
     for name, module in modules.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
-        B = module.lora_B.weight.detach()
+        A, B = module.converted_factors()
+        state[f"{PREFIX}{name}.lora_A.weight"] = A
         state[f"{PREFIX}{name}.lora_B.weight"] = _place_blocks(module, list(B.split(module.slice_sizes))) if module.sliced else B
         if module.use_dora:
             state[f"{PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector.detach()
@@ -254,15 +258,18 @@ def _target_list(model: nn.Module, targets: list[str]) -> list[str]:
 
 def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
     modules = lora_modules(model)
+    grow = (lambda k: math.sqrt(k)) if config.use_rslora else (lambda k: k)
+    converted = any(m.initial is not None for m in modules.values())
+    r, alpha = (2 * config.r, config.alpha * grow(2)) if converted else (config.r, config.alpha)
     rank_pattern, alpha_pattern = {}, {}
     for name, module in modules.items():
-        k = len(module.slice_sizes) if module.sliced else 1
-        # A slice adapter is saved at rank k·r: alpha grows with it so that alpha/r (or
-        # alpha/sqrt(r)) is unchanged.
-        rank, alpha = k * module.r, module.alpha * (math.sqrt(k) if config.use_rslora else k)
-        if (rank, alpha) != (config.r, config.alpha):
+        # A slice adapter is saved at rank k·r, a PiSSA/OLoRA one at 2r: alpha grows with it
+        # so that alpha/r (or alpha/sqrt(r)) is unchanged.
+        k = len(module.slice_sizes) if module.sliced else 2 if module.initial is not None else 1
+        rank, module_alpha = k * module.r, module.alpha * grow(k)
+        if (rank, module_alpha) != (r, alpha):
             rank_pattern[re.escape(name)] = rank
-            alpha_pattern[re.escape(name)] = alpha
+            alpha_pattern[re.escape(name)] = module_alpha
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     return {
         "peft_type": "LORA",
@@ -270,8 +277,8 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
         "base_model_name_or_path": base or None,
         "revision": None,
         "inference_mode": True,
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": _target_list(model, list(modules)),
         "exclude_modules": None,
@@ -280,7 +287,7 @@ def _peft_config(model: nn.Module, config: LoraConfig) -> dict:
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "modules_to_save": config.modules_to_save,
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
@@ -306,8 +313,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in adapter_state(model).items()}
+    metadata = {"format": "pt"}
+    if any(m.initial is not None for m in lora_modules(model).values()):
+        metadata["lorakit"] = (f"trained from init {config.init} at r={config.r}; saved converted to a plain LoRA "
+                               "on the original base (rank doubled)")
     with atomic_file(out / WEIGHTS_NAME) as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
+        save_file(state, tmp, metadata=metadata)
     with atomic_file(out / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(_peft_config(model, config), indent=2, sort_keys=True) + "\n")
     return out
@@ -318,7 +329,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def _existing_plan(model: nn.Module) -> dict[str, Target]:
     """The plan a model with LoRA layers was built from (r per slice, slices as PEFT saves them)."""
-    return {n: Target(n, m.in_features, m.out_features, m.r, m.alpha, tuple(str(i) for i in range(len(m.slice_sizes)))
+    return {n: Target(n, m.in_features, m.out_features, m.r * (2 if m.initial is not None else 1), m.alpha, tuple(str(i) for i in range(len(m.slice_sizes)))
                       if m.sliced else (), tuple(m.slice_sizes) if m.sliced else (), m.use_dora)
             for n, m in lora_modules(model).items()}
 
@@ -370,12 +381,29 @@ def adapter_problems(model: nn.Module, adapter: Adapter) -> list[str]:
             problems.append(f"it has no tensor for {key}")
         elif tuple(state[key].shape) != shape:
             problems.append(f"{key} has shape {tuple(state[key].shape)}, the model needs {shape}")
+    if adapter.config.init not in ("kaiming", "gaussian") and not lora_modules(model):
+        problems += _rebuild_problems(model, adapter.config)
     if not problems:
         for name, module in lora_modules(model).items():
             if module.sliced and _unblock_B(module, state[f"{PREFIX}{name}.lora_B.weight"]) is None:
                 problems.append(f"{PREFIX}{name}.lora_B.weight is not block-structured for this model's slices "
                                 "(was it retrained outside lorakit?); load it onto a model without LoRA layers")
     return problems
+
+
+def _rebuild_problems(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Why the base an unconverted PiSSA/OLoRA adapter expects cannot be rebuilt from ``model``."""
+    modules = dict(model.named_modules())
+    problems = []
+    for name, target in plan_injection(model, config, strict=False).items():
+        weight = getattr(modules[name], "weight", None)
+        if weight is None or not weight.dtype.is_floating_point or is_4bit(modules[name]):
+            problems.append(f"{name} is quantized: the init_lora_weights={config.init!r} adapter expects the "
+                            "full-precision base with its principal part taken out")
+        elif target.r > min(target.d_in, target.d_out):
+            problems.append(f"{name}: r={target.r} is above min(d_in, d_out) = {min(target.d_in, target.d_out)}, "
+                            f"so init_lora_weights={config.init!r} cannot rebuild its base")
+    return problems[:1]
 
 
 def check_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
@@ -398,12 +426,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise LoraError(f"{adapter.path} does not fit this model: {problems[0]}{more}")
-    if not lora_modules(model):
+    tensors = dict(adapter.tensors)
+    if lora_modules(model):
+        # Layers initialised from their base weight (a run being resumed) read the plain LoRA
+        # they were saved as back into trained and initial factors.
+        for name, module in lora_modules(model).items():
+            if module.initial is not None:
+                module.load_converted(tensors.pop(f"{PREFIX}{name}.lora_A.weight"),
+                                      tensors.pop(f"{PREFIX}{name}.lora_B.weight"))
+    else:
         add_lora(model, adapter.config, strict=False)
     modules = lora_modules(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for key, tensor in adapter.tensors.items():
+        for key, tensor in tensors.items():
             name = key[len(PREFIX) :]
             owner = name.removesuffix(".lora_B.weight")
             if owner in modules and modules[owner].sliced:

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from lorakit.adapter_io import PREFIX, adapter_problems, read_adapter
+from lorakit.adapter_io import PREFIX, WEIGHTS_NAME, adapter_problems, read_adapter
 from lorakit.inject import pattern_value
+from lorakit.lora import WEIGHT_INITS
 from lorakit.lora import scaling as lora_scaling
 
 
@@ -46,6 +48,7 @@ class AdapterReport:
     recommended_rank: int
     problems: list[str] = field(default_factory=list)
     dora: bool = False
+    notes: list[str] = field(default_factory=list)  # how the adapter was initialised and saved
 
 
 def spectrum(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -97,12 +100,21 @@ def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterRe
         from lorakit.targets import skeleton
 
         problems = adapter_problems(skeleton(base), adapter)
+    notes = []
+    if config.init in WEIGHT_INITS:
+        notes.append(f"init {config.init}, saved by PEFT without conversion: it is an update of the base minus its "
+                     "principal part, which lorakit rebuilds from the base when it loads it (merge alone, at weight 1; "
+                     "adapter exports refuse it)")
+    with safe_open(adapter.path / WEIGHTS_NAME, "pt") as file:
+        if note := (file.metadata() or {}).get("lorakit"):
+            notes.append(note)
     return AdapterReport(
         files=files, r=config.r, alpha=config.alpha, scaling=lora_scaling(config.r, config.alpha, config.use_rslora),
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_tensors=len(tensors), n_params=sum(t.numel() for t in tensors.values()), modules=modules,
         # the smallest rank that keeps 90% of the update energy in most (over half of the) layers
         recommended_rank=ranks[len(ranks) // 2] if ranks else 0, problems=problems, dora=config.use_dora,
+        notes=notes,
     )
 
 

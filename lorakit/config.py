@@ -47,7 +47,10 @@ class LoraConfig:
             but the output head) or a regular expression matched against full paths.
         bias: ``none``, ``all`` (train every bias) or ``lora_only`` (biases of adapted layers).
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
-        init: ``kaiming`` (uniform, PEFT's default) or ``gaussian`` for A; B is always zero.
+        init: ``kaiming`` (uniform, PEFT's default) or ``gaussian`` for A with B zero; or
+            ``pissa`` / ``pissa_niter_N`` / ``olora``: A and B start from the principal part
+            of each base weight (exact SVD, N-iteration randomized SVD, QR), which is taken
+            out of the base; the adapter is saved as a plain LoRA of rank 2r on the base.
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``lm_head``).
         layers: only adapt modules of these block indices (``model.layers.<i>``).
         layers_pattern: the name of the block list that ``layers`` indexes (``layers``, ``h``);
@@ -57,6 +60,8 @@ class LoraConfig:
         alpha_pattern: per-module alpha, the same way.
         use_dora: DoRA (weight-decomposed LoRA): also train a magnitude per output row of
             each adapted layer; about a third more time per step, merges exactly.
+        init_from: start from this adapter's weights (e.g. a supervised run's, before DPO);
+            its own config then sets every other key of this section.
     """
 
     r: Count = 8
@@ -65,7 +70,7 @@ class LoraConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: str = "kaiming"
     modules_to_save: list[str] | None = None
     layers: list[Count] | None = None
     layers_pattern: list[str] | str | None = None
@@ -73,6 +78,7 @@ class LoraConfig:
     rank_pattern: dict[str, Count] | None = None
     alpha_pattern: dict[str, float] | None = None
     use_dora: bool = False
+    init_from: str | None = None
 
     @field_validator("r", "alpha")
     @classmethod
@@ -87,6 +93,21 @@ class LoraConfig:
         if not 0 <= p < 1:
             raise ValueError("must be in [0, 1)")
         return p
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, init: str) -> str:
+        niter = init.removeprefix("pissa_niter_")
+        if init not in ("kaiming", "gaussian", "pissa", "olora") and not (niter != init and niter.isdigit()
+                                                                           and 0 < int(niter) <= 100):
+            raise ValueError("must be kaiming, gaussian, pissa, pissa_niter_N (1 ≤ N ≤ 100) or olora")
+        return init
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> LoraConfig:
+        if self.init not in ("kaiming", "gaussian") and self.use_dora:
+            raise ValueError(f"init: {self.init} is not supported together with use_dora")
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -147,7 +168,7 @@ class DataConfig(_Section):
 
     train: str
     validation: str | None = None
-    format: Literal["prompt_completion", "chat", "alpaca", "text"] = "prompt_completion"
+    format: Literal["prompt_completion", "chat", "alpaca", "text", "preference"] = "prompt_completion"
     prompt_template: str = "{prompt}"
     completion_field: str = "completion"
     text_field: str = "text"
@@ -163,6 +184,24 @@ class DataConfig(_Section):
     def _simple_placeholders(cls, template: str) -> str:
         template_fields(template)
         return template
+
+
+class DpoConfig(_Section):
+    """DPO (``training.objective: dpo``): ``beta`` weighs the log-ratio against the
+    reference; ``loss`` is ``sigmoid`` (Rafailov et al. 2023) or ``ipo`` (Azar et al. 2023);
+    ``precompute_reference`` scores every pair with the reference once, before step 1,
+    instead of once per step."""
+
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    precompute_reference: bool = False
+
+
+class OrpoConfig(_Section):
+    """ORPO (``training.objective: orpo``; Hong et al. 2024): ``lambda`` weighs the
+    odds-ratio term against the chosen answer's NLL."""
+
+    weight: float = Field(0.1, gt=0, alias="lambda")
 
 
 class TrainingConfig(_Section):
@@ -186,6 +225,7 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingConfig:
@@ -208,6 +248,17 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     data: DataConfig
     training: TrainingConfig
+    dpo: DpoConfig | None = None
+    orpo: OrpoConfig | None = None
+
+    @model_validator(mode="after")
+    def _objective_defaults(self) -> Config:
+        # The section of the chosen objective always exists, with its defaults when not given.
+        if self.training.objective == "dpo" and self.dpo is None:
+            self.dpo = DpoConfig()
+        if self.training.objective == "orpo" and self.orpo is None:
+            self.orpo = OrpoConfig()
+        return self
 
     @property
     def source(self) -> str:
@@ -247,7 +298,7 @@ def parse_overrides(overrides: list[str], source: str = "--set") -> list[tuple[s
 
 def _known_keys(model: type[BaseModel] | type, prefix: str) -> list[str]:
     fields = getattr(model, "model_fields", None) or getattr(model, "__pydantic_fields__", {})
-    return [prefix + name for name in fields]
+    return [prefix + (getattr(info, "alias", None) or name) for name, info in fields.items()]
 
 
 def _field_type(model: Any, name: str) -> Any:
@@ -306,6 +357,11 @@ def _file_problems(raw: dict) -> list[str]:
             problems.append(f"training.output_dir: {output!r} is a file, not a directory")
         elif not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             problems.append(f"training.output_dir: {output!r} cannot be written ({existing} is not a writable directory)")
+    init_from = _raw_section(raw, "lora").get("init_from")
+    if isinstance(init_from, str) and (problem := missing_path(init_from)):
+        problems.append(f"lora.init_from: {problem}")
+    elif isinstance(init_from, str) and not (Path(init_from).expanduser() / "adapter_config.json").is_file():
+        problems.append(f"lora.init_from: {init_from!r} holds no adapter_config.json; name an adapter directory")
     name = _raw_section(raw, "model").get("name_or_path")
     if isinstance(name, str) and name != DEFAULT_MODEL and (problem := missing_path(name)):
         problems.append(f"model.name_or_path: {problem}")
@@ -325,6 +381,38 @@ def _cross_problems(raw: dict, config: Config) -> list[str]:
         if config.training.loraplus_lr_ratio is not None:
             problems.append("training.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B factors; "
                             "full fine-tuning has none")
+    elif config.model.quantization is not None and config.lora.init not in ("kaiming", "gaussian"):
+        problems.append(f"lora.init: {config.lora.init} takes the principal part out of each base weight, which a "
+                        "quantized base cannot take without re-quantizing; use init: kaiming with model.quantization")
+    problems += _objective_problems(raw, config)
+    return problems
+
+
+def _objective_problems(raw: dict, config: Config) -> list[str]:
+    """Preference objectives against the data, the method and the lora section."""
+    problems = []
+    objective, data = config.training.objective, config.data
+    for section in ("dpo", "orpo"):
+        if section in raw and objective != section:
+            problems.append(f"{section}: set, but training.objective is {objective}; set training.objective: {section} "
+                            "or remove the section")
+    if objective != "sft":
+        if data.format != "preference":
+            problems.append(f"training.objective: {objective} trains on pairs of answers: set data.format: preference "
+                            "(rows with prompt, chosen, rejected)")
+        if config.method == "full":
+            problems.append(f"training.objective: {objective} is trained on adapters (the reference is the model as "
+                            "it started); use method: lora")
+    elif data.format == "preference":
+        problems.append("data.format: preference is for training.objective dpo or orpo; for supervised training on "
+                        "the chosen answers, use format prompt_completion with completion_field: chosen")
+    if data.format == "preference":
+        problems += [f"data.{key}: not available with format preference (each answer is scored whole, after its "
+                     "prompt)" for key in ("packing", "train_on_prompt") if getattr(data, key)]
+    given = set(_raw_section(raw, "lora")) - {"init_from"}
+    if config.lora.init_from and given:
+        problems.append(f"lora.{sorted(given)[0]}: the adapter in lora.init_from sets the whole lora section; "
+                        "remove the other lora keys")
     return problems
 
 
@@ -423,7 +511,7 @@ def read_yaml(path: str | os.PathLike, source: str | None = None) -> Any:
 
 def config_to_dict(config: Config) -> dict:
     """The fully resolved config as plain data (defaults included), ready for YAML/JSON."""
-    return config.model_dump(mode="json")
+    return config.model_dump(mode="json", by_alias=True)
 
 
 def read_saved_config(directory: str | os.PathLike) -> Config | None:

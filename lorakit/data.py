@@ -205,6 +205,8 @@ def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[t
         DataError: naming the row and what is wrong with it.
     """
     eos = tokenizer.eos_token or ""
+    if cfg.format == "preference":  # seen as supervised data, a pair is its prompt and chosen answer
+        return render_preference(row, cfg, tokenizer, where, "chosen")
     if cfg.format == "text":
         return [(row_field(row, cfg.text_field, where) + eos, True)]
     if cfg.format == "chat":
@@ -232,6 +234,40 @@ def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[t
         return _chat_segments(tokenizer, [{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": completion}])
     return [(prompt, False), (completion + eos, True)]
+
+
+def preference_response(row: dict, key: str, where: str) -> str:
+    """The ``chosen`` or ``rejected`` answer of a preference row: text, or one assistant
+    message (TRL's conversational form)."""
+    value = row.get(key)
+    if isinstance(value, list):
+        message = value[0] if len(value) == 1 and isinstance(value[0], dict) else {}
+        if message.get("role") != "assistant" or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: field {key!r} must be text or a list of one assistant message")
+        return message["content"]
+    return row_field(row, key, where)
+
+
+def render_preference(row: dict, cfg: DataConfig, tokenizer, where: str, key: str) -> list[tuple[str, bool]]:
+    """A preference row's prompt with its ``key`` answer (``chosen`` or ``rejected``), rendered
+    exactly as a supervised row with that answer would be; only the answer is trained.
+
+    The prompt is text (filled into ``prompt_template``, wrapped as a user turn with
+    ``chat_template``) or a list of chat messages (then ``chat_template`` must be on, so
+    that ``generate`` renders prompts the same way).
+    """
+    response = preference_response(row, key, where)
+    prompt = row.get("prompt")
+    if not isinstance(prompt, list):
+        supervised = cfg.model_copy(update={"format": "prompt_completion"})
+        return render({**row, cfg.completion_field: response}, supervised, tokenizer, where)
+    if not cfg.chat_template:
+        raise DataError(f"{where}: the prompt is a list of chat messages; set data.chat_template: true so that "
+                        "training, eval and generate all render prompts with the chat template")
+    turns = prompt + [{"role": "assistant", "content": response}]
+    segments = _chat_segments(tokenizer, _check_messages(turns, where))
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    return [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]  # earlier turns: context
 
 
 def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool) -> dict:

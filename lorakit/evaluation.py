@@ -17,10 +17,10 @@ import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import load_rows, render, row_field, tokenize
+from lorakit.data import load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
 from lorakit.inputs import missing_path
-from lorakit.inject import remove_lora
+from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
 from lorakit.model import adapter_base_config, load_model, load_tokenizer
@@ -72,6 +72,8 @@ def reference_of(row: dict, data: DataConfig, where: str = "data") -> str:
         return answers[-1]  # render() has checked there is one
     if data.format == "alpaca":
         return row_field(row, "output", where)
+    if data.format == "preference":
+        return preference_response(row, "chosen", where)
     if data.format == "text":
         raise EvalError("format 'text' has no prompt/answer split: only --metric perplexity applies")
     return row_field(row, data.completion_field, where)
@@ -184,6 +186,8 @@ def generation_prompt(text: str, data: DataConfig | None, tokenizer) -> str:
     """
     if data is None:
         return text
+    if data.format == "preference":  # its prompts render as prompt_completion rows' do
+        data = data.model_copy(update={"format": "prompt_completion"})
     if data.format == "chat":
         row = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
     elif data.format == "alpaca":
@@ -210,6 +214,7 @@ class Switcher:
         first = resolve_target(next(iter(self.adapters.values())), trust_remote_code=trust_remote_code, dtype=dtype) \
             if self.adapters else main
         self.tokenizer = load_tokenizer(first.model)
+        self.target_model = first.model
         self.model = load_model(first.model).eval()
         self.data = main.data
         self.active = None
@@ -220,7 +225,12 @@ class Switcher:
         """Make adapter ``name`` the one that answers."""
         if name not in self.adapters:
             raise EvalError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters)}")
-        remove_lora(self.model)
+        if any(m.initial is not None for m in lora_modules(self.model).values()):
+            # That adapter changed the base weights (an unconverted PiSSA/OLoRA adapter); taking
+            # them back would round them in a low-precision dtype, so the base loads again.
+            self.model = load_model(self.target_model).eval()
+        else:
+            remove_lora(self.model)
         load_adapter(self.model, self.adapters[name])
         self.data = resolve_target(self.adapters[name]).data or self.data
         self.active = name

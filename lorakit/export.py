@@ -70,8 +70,12 @@ def _layers(adapter: Adapter, tree) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def _no_extras(adapter: Adapter, engine: str) -> None:
-    """Refuse what ``engine``'s adapters cannot carry: DoRA, trained whole modules, trained biases."""
+    """Refuse what ``engine``'s adapters cannot carry: a changed base, DoRA, trained whole modules and biases."""
     config = adapter.config
+    if config.init not in ("kaiming", "gaussian"):
+        raise LoraError(f"{adapter.path} was saved by PEFT without conversion (init_lora_weights={config.init!r}): "
+                        f"it is right only on a base with its principal part taken out, which {engine} does not "
+                        "build; export the merged model instead (--merged or --to merged)")
     if config.use_dora:
         raise LoraError(f"{adapter.path} is a DoRA adapter, which {engine} cannot apply (its magnitudes rescale "
                         "the whole weight); export the merged model instead (--merged or --to merged)")

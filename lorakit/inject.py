@@ -230,6 +230,9 @@ def plan_injection(model: nn.Module, config: LoraConfig, strict: bool = True) ->
         if roles and config.use_dora:
             raise LoraError(f"lora.use_dora adapts whole layers, and {name} would get q/k/v slices: target it "
                             f"by name ({name.rsplit('.', 1)[-1]}) instead of by role")
+        if roles and config.init not in ("kaiming", "gaussian"):
+            raise LoraError(f"lora.init: {config.init} adapts whole layers, and {name} would get q/k/v slices: "
+                            f"target it by name ({name.rsplit('.', 1)[-1]}) instead of by role")
         if strict and r > min(d_in, *(sizes or (d_out,))):  # PEFT allows it: adapters may carry it
             too_big.append(f"{name} r={r}, {d_in} → {d_out}{', slices ' + str(list(sizes)) if sizes else ''}")
         plan[name] = Target(name, d_in, d_out, r, alpha, tuple(roles), sizes, config.use_dora)
@@ -408,8 +411,9 @@ def _replace_wrappers(model: nn.Module, merge: bool) -> nn.Module:
     for name, module in lora_modules(model).items():
         parent_name, _, child = name.rpartition(".")
         plain = module.merged_linear() if merge else module.base_layer
-        if not merge and module.merged:
+        if not merge:
             module.unmerge()
+            module.restore_base()
         setattr(modules[parent_name] if parent_name else model, child, plain)
     if hasattr(model, "lorakit_config"):
         del model.lorakit_config
@@ -425,5 +429,6 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Take the adapters out without merging: the base model as it was."""
+    """Take the adapters out without merging: the base model as it was (for layers that a
+    PiSSA/OLoRA init changed, up to the weight dtype's rounding)."""
     return _replace_wrappers(model, merge=False)

@@ -17,6 +17,16 @@ magnitude ``m`` per output row and renormalises the adapted weight row by row::
 
 with the norm treated as a constant in backward (the paper's section 4.3, as PEFT does).
 
+PiSSA and OLoRA start A and B from the base weight instead of from noise, and take that
+part out of the base so the model is unchanged at step 0 (``init_from_weight``)::
+
+    PiSSA (Meng et al., 2024):  W0 = U·S·Vᵀ      B = U_r·√(S_r/s)    A = √(S_r/s)·V_rᵀ
+    OLoRA (Büyükakyüz, 2024):   W0 = Q·R         B = Q_r             A = R_r
+    the base becomes W0 − s·B0·A0
+
+An adapter trained that way is only right on that modified base, so it is saved as a plain
+LoRA on ``W0`` (``converted_factors``): ``s·B·A − s·B0·A0 = s·[B, −B0]·[A; A0]``, rank 2r.
+
 Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``)
 can carry adapters on some output slices only, as loralib's ``MergedLinear``: slice
 ``i`` owns rows ``r·i … r·(i+1)`` of A and its own block of B, and writes only to
@@ -49,6 +59,10 @@ from lorakit.errors import LoraError
 from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, dequantized_weight, dropout, is_4bit, is_bare_linear, unpack_cpu_4bit
 
 
+# Initialisations computed from the base weight (besides ``pissa_niter_N``).
+WEIGHT_INITS = ("pissa", "olora")
+
+
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """The update's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -64,7 +78,8 @@ class LoRALinear(nn.Module):
         alpha: numerator of the scaling factor.
         dropout: dropout on the adapter's input; 0 adds no work at all.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        init: ``"kaiming"`` (uniform, as PEFT and loralib) or ``"gaussian"`` (std 1/r) for A.
+        init: ``"kaiming"`` (uniform, as PEFT and loralib) or ``"gaussian"`` (std 1/r) for A,
+            or ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` (see ``init_from_weight``).
         fan_in_fan_out: the base stores its weight as ``(d_in, d_out)`` (GPT-2 ``Conv1D``).
         out_slices: for fused layers, one index tensor of output rows per adapted slice;
             ``None`` adapts every output.
@@ -105,8 +120,13 @@ class LoRALinear(nn.Module):
         factory = {"device": base_layer.weight.device}
         self.lora_A = nn.Linear(self.in_features, n_slices * r, bias=False, **factory)
         self.lora_B = nn.Linear(r, sum(self.slice_sizes), bias=False, **factory)
-        self.reset_parameters(init)
         self.use_dora = use_dora
+        # (A0, B0), float32 on the CPU, when the init took them out of the base weight.
+        self.initial: tuple[torch.Tensor, torch.Tensor] | None = None
+        if init in WEIGHT_INITS or (init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdigit()):
+            self.init_from_weight(init)
+        else:
+            self.reset_parameters(init)
         if use_dora:
             if out_slices:
                 raise LoraError("DoRA adapts whole layers: target the fused layer by name, not q/k/v slices")
@@ -121,8 +141,87 @@ class LoRALinear(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
-            raise LoraError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+            raise LoraError(f"unknown LoRA init {init!r}: use kaiming, gaussian, pissa, pissa_niter_N or olora")
         nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def init_from_weight(self, method: str) -> None:
+        """PiSSA or OLoRA: A and B from the base weight, and ``s·B·A`` taken out of it.
+
+        ``pissa`` uses the exact SVD; ``pissa_niter_N`` a randomized SVD with N subspace
+        iterations, seeded so that the same weight always gives the same factors; ``olora``
+        the QR decomposition. The output is unchanged (up to the weight dtype's rounding).
+
+        Raises:
+            LoraError: a 4-bit base (the residual would have to be re-quantized), fused
+                slices, DoRA, or a rank above the weight's smaller dimension.
+        """
+        if is_4bit(self.base_layer) or not self.base_layer.weight.dtype.is_floating_point:
+            raise LoraError(f"lora.init: {method} changes the base weight, which a quantized base cannot take "
+                            "without re-quantizing it; use init: kaiming with QLoRA")
+        if self.sliced or self.use_dora:
+            raise LoraError(f"lora.init: {method} is not supported with {'q/k/v slices' if self.sliced else 'DoRA'}")
+        r = self.r
+        if r > min(self.in_features, self.out_features):
+            raise LoraError(f"lora.init: {method} needs r ≤ min(d_in, d_out) = "
+                            f"{min(self.in_features, self.out_features)}, got r={r}")
+        weight = self._dense_base()
+        if method == "olora":
+            Q, R = torch.linalg.qr(weight)
+            B, A = Q[:, :r], R[:r]
+        else:
+            if method == "pissa":
+                U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    U, S, V = torch.svd_lowrank(weight, q=r, niter=int(method.removeprefix("pissa_niter_")))
+                Vh = V.T
+            root = torch.sqrt(S / self.scaling)
+            A, B = root[:, None] * Vh, U * root[None, :]
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        residual = weight - self.scaling * (B @ A)
+        self.base_layer.weight.copy_(residual.T if self.fan_in_fan_out else residual)
+        self.initial = (A.detach().cpu().clone(), B.detach().cpu().clone())
+
+    def _initial_delta(self, initial: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``s·B0·A0`` in the base weight's layout, float32, on the weight's device."""
+        A0, B0 = (t.to(self.base_layer.weight.device) for t in initial)
+        delta = self.scaling * (B0 @ A0)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Give the base weight back what ``init_from_weight`` took out (up to its dtype's rounding)."""
+        if self.initial is not None:
+            weight = self.base_layer.weight
+            weight.copy_(weight.float() + self._initial_delta(self.initial))
+            self.initial = None
+
+    def converted_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of the same update as a LoRA on the original base: ``[A; A0]`` and
+        ``[B, −B0]`` (rank 2r, the same scaling once alpha is doubled; √2·alpha with rsLoRA)."""
+        A, B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        if self.initial is None:
+            return A, B
+        A0, B0 = (t.to(A.device) for t in self.initial)
+        return torch.cat([A, A0]), torch.cat([B, -B0], dim=1)
+
+    @torch.no_grad()
+    def load_converted(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """The inverse of ``converted_factors`` (resuming a run): the trained halves become
+        A and B; initial halves that differ from this layer's (another machine's SVD)
+        move the base to the residual they were trained against."""
+        r = self.r
+        self.lora_A.weight.copy_(A[:r])
+        self.lora_B.weight.copy_(B[:, :r])
+        saved = (A[r:].float().cpu(), -B[:, r:].float().cpu())
+        if not all(torch.equal(a, b) for a, b in zip(saved, self.initial)):
+            weight = self.base_layer.weight
+            weight.copy_(weight.float() + self._initial_delta(self.initial) - self._initial_delta(saved))
+            self.initial = saved
 
     def train(self, mode: bool = True) -> LoRALinear:
         super().train(mode)
@@ -267,4 +366,5 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         slices = f", slices={len(self.slice_sizes)}" if self.sliced else ""
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{slices}{', dora' if self.use_dora else ''}"
+        init = ", from the base weight" if self.initial is not None else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{slices}{', dora' if self.use_dora else ''}{init}"

@@ -103,10 +103,13 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
                      f", {str(model.get_input_embeddings().weight.dtype).removeprefix('torch.')}"
                      + (" (dtype auto)" if cfg.model.dtype == "auto" else ""))),
         ("adapted layers", f"{n_adapted} (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, "
-                           f"targets={_e(cfg.lora.target_modules)})" if cfg.method == "lora"
+                           f"targets={_e(cfg.lora.target_modules)}"
+                           + (f", init {cfg.lora.init}" if cfg.lora.init != "kaiming" else "")
+                           + (", DoRA" if cfg.lora.use_dora else "") + ")" if cfg.method == "lora"
                            else "none: full fine-tuning, every weight trains"),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"),
-        ("examples", f"{n_train:,} train, {n_val:,} validation"),
+        *([("objective", _objective(cfg))] if t.objective != "sft" else []),
+        ("examples", f"{n_train:,} train, {n_val:,} validation" + (" pairs" if t.objective != "sft" else "")),
         ("processes", f"{world} ({engine})" if world > 1 else "1"),
         ("effective batch", f"{t.batch_size * t.grad_accum * world} "
                             f"= {t.batch_size} × {t.grad_accum} accumulation × {world} process(es)"),
@@ -121,20 +124,29 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
     console.print(table)
 
 
+def _objective(cfg) -> str:
+    if cfg.training.objective == "orpo":
+        return f"ORPO, lambda {cfg.orpo.weight:g} (no reference model)"
+    start = f"the adapter in {_e(cfg.lora.init_from)}" if cfg.lora.init_from else "the base model (B = 0)"
+    pre = ", scored once before step 1" if cfg.dpo.precompute_reference else ""
+    return f"DPO ({cfg.dpo.loss}), beta {cfg.dpo.beta:g}; reference: the model at step 0, {start}{pre}"
+
+
 class Progress:
     """A rich progress bar with loss, learning rate, tokens/s and ETA."""
 
     def __init__(self, total: int, done: int, enabled: bool = True) -> None:
         self.bar = RichProgress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}{task.fields[extra]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
             TimeRemainingColumn(), console=console, disable=not enabled,
         )
-        self.task = self.bar.add_task("train", total=total, completed=done, loss="-", lr="-", tps="-")
+        self.task = self.bar.add_task("train", total=total, completed=done, loss="-", lr="-", tps="-", extra="")
         self.bar.start()
 
     def update(self, step: int, record: dict) -> None:
-        self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}",
+        extra = f"  acc {record['accuracy']:.2f}  margin {record['margin']:.3f}" if "accuracy" in record else ""
+        self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}", extra=extra,
                         lr=f"{record['lr']:.2e}", tps=f"{record['tokens_per_s']:.0f}")
 
     def note(self, text: str) -> None:
@@ -300,6 +312,8 @@ def inspect_tables(adapter: Path, report) -> None:
     if report.dora:
         console.print("DoRA: each layer computes m·(W0 + ΔW)/‖W0 + ΔW‖ per output row, m its trained magnitudes "
                       "(the spectra below are of ΔW alone)", highlight=False)
+    for note in report.notes:
+        console.print(_e(note), highlight=False)
     table = Table(title="updates ΔW = scaling·B·A")
     for column in ("layer", "r", "alpha", "shape", "‖ΔW‖", "top singular values", "rank@90%", "rank@99%"):
         table.add_column(column)

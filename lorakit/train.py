@@ -12,6 +12,7 @@ micro-batch with few labelled tokens weighs as little as it should.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -20,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,7 +34,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from lorakit import report
-from lorakit.adapter_io import save_adapter
+from lorakit.adapter_io import load_adapter, read_adapter_config, save_adapter
 from lorakit.checkpoint import capture_rng, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
@@ -43,10 +44,26 @@ from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.model import DTYPE_NAMES, load_model, load_tokenizer, resolve_dtype
+from lorakit.pairs import build_pairs, collate_pairs, pair_length, pair_tokens, precompute_reference
+from lorakit.preference import STATS, PreferenceLoss, evaluate_pairs, summarize
 from lorakit.preflight import preflight
 from lorakit.sharding import local, whole_parameters
 
 logger = logging.getLogger("lorakit")
+
+@dataclass(frozen=True)
+class Batching:
+    """How one objective's examples become batches: supervised examples or preference pairs."""
+
+    collate: Callable[[list[dict], int], dict]
+    length: Callable[[dict], int]  # its padded cost, for length grouping
+    tokens: Callable[[dict], int]  # real tokens, for tokens/s
+    weight: Callable[[dict], int]  # its share of the step's mean loss: labelled tokens, or 1 pair
+
+
+SUPERVISED = Batching(collate, lambda e: len(e["input_ids"]), lambda e: len(e["input_ids"]), labelled_targets)
+PREFERENCE = Batching(collate_pairs, pair_length, pair_tokens, lambda e: 1)
+
 
 @dataclass
 class RunResult:
@@ -109,8 +126,9 @@ def _data_fingerprint(examples: list[dict]) -> dict:
     """What identifies the training data as tokenized: how many examples and a digest of their ids."""
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(torch.tensor(e["input_ids"], dtype=torch.int64).numpy().tobytes())
-        digest.update(torch.tensor(e["labels"], dtype=torch.int64).numpy().tobytes())
+        for part in (e["chosen"], e["rejected"]) if "chosen" in e else (e,):
+            digest.update(torch.tensor(part["input_ids"], dtype=torch.int64).numpy().tobytes())
+            digest.update(torch.tensor(part["labels"], dtype=torch.int64).numpy().tobytes())
     return {"examples": len(examples), "sha256": digest.hexdigest()}
 
 
@@ -160,12 +178,16 @@ class _Throughput:
 
     def reset(self) -> None:
         self.loss, self.tokens, self.start = 0.0, 0, time.perf_counter()
+        self.pairs = torch.zeros(len(STATS))  # preference statistics, summed
 
     def record(self, step: int, steps: int, lr: float) -> dict:
-        """The metrics of the last ``steps`` steps (mean loss, tokens/s), then a fresh window."""
+        """The metrics of the last ``steps`` steps (mean loss, tokens/s, and for preference
+        objectives the rewards, margin and accuracy), then a fresh window."""
         elapsed = time.perf_counter() - self.start
         record = {"step": step, "loss": self.loss / steps, "lr": lr, "tokens": self.tokens, "seconds": elapsed,
                   "tokens_per_s": self.tokens / elapsed}
+        if self.pairs[-1]:
+            record.update(summarize(self.pairs))
         self.reset()
         return record
 
@@ -207,20 +229,32 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     set_seed(t.seed)
 
     # Build: tokenizer and data first, so bad data fails before the model loads.
+    cfg = _with_init_from(cfg)
+    preference = t.objective != "sft"
+    batching = PREFERENCE if preference else SUPERVISED
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set = _datasets(cfg, tokenizer, world)
     dtype = resolve_dtype(cfg.model, cfg.trains_whole_weights)
     model = load_model(cfg.model.model_copy(update={"dtype": DTYPE_NAMES[dtype]}), accelerator.device)
-    if cfg.method == "lora":
-        add_lora(model, cfg.lora)
-    else:
+    if cfg.method == "full":
         model.requires_grad_(True)
+    elif cfg.lora.init_from:
+        load_adapter(model, cfg.lora.init_from)
+    else:
+        add_lora(model, cfg.lora)
     optimizer = _build_optimizer(model, t)
     n_steps = total_steps(t, epoch_steps(len(train_set), t, world))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
-    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
-    plain = accelerator.unwrap_model(loss_model).model
+    loss_model, optimizer = accelerator.prepare(PreferenceLoss(model, cfg) if preference else CausalLMLoss(model),
+                                                optimizer)
+    core = accelerator.unwrap_model(loss_model)
+    plain = core.model
     params = [p for p in plain.parameters() if p.requires_grad]  # FSDP replaces them with shards
+    if t.objective == "dpo":  # the reference is the model as it starts (the prepared parameters, before resuming)
+        core.freeze_reference()
+        if cfg.dpo.precompute_reference:
+            with report.console.status("scoring every pair with the reference model"):
+                precompute_reference(core, train_set, t.batch_size, tokenizer.pad_token_id, accelerator.device)
     data_id = _data_fingerprint(train_set)
 
     # Resume, or start fresh.
@@ -242,9 +276,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
 
     # Train.
     loss_model.train()
-    order = BatchOrder([len(e["input_ids"]) for e in train_set], t.batch_size, world, t.seed,
+    order = BatchOrder([batching.length(e) for e in train_set], t.batch_size, world, t.seed,
                        cfg.data.group_by_length)
-    targets = [labelled_targets(e) for e in train_set]
+    targets = [batching.weight(e) for e in train_set]
     meter, progress = _Throughput(), report.Progress(n_steps, step, enabled=main)
     rng, updating = capture_rng(), False
 
@@ -261,13 +295,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                 items = max(1, sum(targets[i] for m in micros for r in range(world) for i in order.indices(m, r)))
                 for micro in micros:
                     examples = [train_set[i] for i in order.indices(micro, rank)]
-                    batch = {k: v.to(accelerator.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+                    batch = {k: v.to(accelerator.device)
+                             for k, v in batching.collate(examples, tokenizer.pad_token_id).items()}
                     with accelerator.accumulate(loss_model):
                         loss = loss_model(**batch, normalizer=items)  # this micro-batch's share of the step's mean
-                        # One reduction: the step's loss so far, real tokens for tokens/s, and any Ctrl-C.
-                        stats = accelerator.reduce(torch.tensor(
-                            [loss.item(), sum(len(e["input_ids"]) for e in examples), float(stop.requested)],
-                            device=loss.device), "sum")
+                        # One reduction: the step's loss so far, real tokens for tokens/s, any Ctrl-C, and
+                        # the preference statistics.
+                        stats = accelerator.reduce(torch.cat([torch.tensor(
+                            [loss.item(), sum(batching.tokens(e) for e in examples), float(stop.requested)]),
+                            core.stats.cpu() if preference else torch.zeros(0)]).to(loss.device), "sum")
                         _stop_on_nonfinite(stats[0].item(), step + 1, checkpoints)
                         # Processes' gradients are averaged and Accelerate divides by grad_accum: undo both.
                         accelerator.backward(loss * world * t.grad_accum)
@@ -281,6 +317,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                         optimizer.zero_grad()
                     meter.loss += stats[0].item()
                     meter.tokens += int(stats[1].item())
+                    if preference:
+                        meter.pairs += stats[3:].cpu()
                 step += 1
                 scheduler.step()
                 if step % t.log_every == 0 or step == n_steps:
@@ -290,11 +328,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                         progress.update(step, record)
                 with meter.paused():
                     if val_set and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
-                        val_loss = evaluate_loss(loss_model, val_set, t.batch_size, tokenizer.pad_token_id,
-                                                 accelerator.device)
+                        scores = _validate(loss_model, val_set, preference, t.batch_size, tokenizer.pad_token_id,
+                                           accelerator.device)
                         if main:
-                            metrics.append({"step": step, "val_loss": val_loss})
-                            progress.note(f"step {step}: validation loss {val_loss:.4f}")
+                            metrics.append({"step": step, **scores})
+                            accuracy = f", preference accuracy {scores['val_accuracy']:.3f}" if preference else ""
+                            progress.note(f"step {step}: validation loss {scores['val_loss']:.4f}{accuracy}")
                     if t.save_every and step % t.save_every == 0:
                         checkpoint(step, capture_rng())
                     if stats[2].item() and step < n_steps:  # Ctrl-C on some process: stop here, exactly
@@ -327,6 +366,22 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     return RunResult(adapter_dir, step, metrics.history if main else [], main, trainable)
 
 
+def _with_init_from(cfg: Config) -> Config:
+    """With ``lora.init_from``, the lora section is that adapter's own config (so that the
+    start-up table, checkpoints and the saved config describe what trains)."""
+    if cfg.method != "lora" or not cfg.lora.init_from:
+        return cfg
+    adapter, _ = read_adapter_config(cfg.lora.init_from)
+    return cfg.model_copy(update={"lora": dataclasses.replace(adapter, init_from=cfg.lora.init_from)})
+
+
+def _validate(loss_model, val_set: list[dict], preference: bool, batch_size: int, pad_id: int, device) -> dict:
+    """Validation metrics: the loss, and for preference objectives rewards, margin and accuracy."""
+    if preference:
+        return evaluate_pairs(loss_model, val_set, batch_size, pad_id, device)
+    return {"val_loss": evaluate_loss(loss_model, val_set, batch_size, pad_id, device)}
+
+
 def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -> None:
     """An earlier run is never silently replaced, and --resume needs something to resume."""
     earlier = (out / "adapter").exists() or (out / "model").exists() or list_checkpoints(checkpoints)
@@ -344,6 +399,13 @@ def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -
 def _datasets(cfg: Config, tokenizer, world: int) -> tuple[list[dict], list[dict]]:
     """Training examples (packed when asked) and validation examples, tokenized."""
     t = cfg.training
+    if t.objective != "sft":
+        train_set = build_pairs(cfg.data, tokenizer, "train")
+        val_set = build_pairs(cfg.data, tokenizer, "validation") if cfg.data.validation else []
+        if len(train_set) < t.batch_size * world:
+            raise DataError(f"data.train: {len(train_set)} usable pairs, fewer than one batch "
+                            f"({t.batch_size} × {world} processes)")
+        return train_set, val_set
     train_set = build_examples(cfg.data, tokenizer, "train")
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, t.seed)

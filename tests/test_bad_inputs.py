@@ -28,6 +28,7 @@ from lorakit.config import SAVED_CONFIG, config_to_dict, validate_config
 
 runner = CliRunner()
 MARKER = "pwned.marker"
+_PAIR = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
 
 
 @dataclass
@@ -66,6 +67,13 @@ class Ctx:
     def with_data(self, text: str | bytes, name: str = "d.jsonl", **data) -> str:
         path = self.data(text, name)
         return self.config(lambda raw: raw["data"].update(train=path, validation=None, **data))
+
+    def with_pairs(self, text: str) -> str:
+        """A DPO config on preference rows ``text``."""
+        path = self.data(text)
+        return self.config(lambda raw: (raw["data"].update(train=path, validation=None, format="preference",
+                                                           prompt_template="{prompt}", completion_field="completion"),
+                                        raw["training"].update(objective="dpo")))
 
     def peft(self, **changes) -> str:
         """The good adapter with its adapter_config.json edited (None removes a key)."""
@@ -258,6 +266,43 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         lambda r: r["lora"].update(exclude_modules=["q_proj", "v_proj"]))], 2, ["matched no layer"]),
     "config paged optimizer on cpu": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(optimizer="paged_adamw_8bit"))], 2, ["paged_adamw_8bit needs a CUDA GPU"]),
+    "config init unknown": lambda c: Case(["train", c.config(lambda r: r["lora"].update(init="pisa"))], 2,
+                                          ["lora.init", "pissa_niter_N"]),
+    "config pissa with dora": lambda c: Case(["train", c.config(lambda r: r["lora"].update(init="pissa",
+                                                                                         use_dora=True))], 2,
+                                             ["lora", "use_dora", "pissa"]),
+    "config pissa with 4-bit": lambda c: Case(["train", c.config(lambda r: (r["lora"].update(init="olora"), r[
+        "model"].update(quantization={"bits": 4})))], 2, ["lora.init: olora", "quantized"]),
+    "config dpo on supervised data": lambda c: Case(["train", c.config(lambda r: r["training"].update(
+        objective="dpo"))], 2, ["training.objective: dpo", "data.format: preference"]),
+    "config preference data with sft": lambda c: Case(["train", c.with_data(_PAIR, format="preference")], 2,
+                                                      ["data.format: preference", "dpo or orpo"]),
+    "config dpo section for orpo": lambda c: Case(["train", c.config(lambda r: (r["training"].update(
+        objective="orpo"), r["data"].update(format="preference"), r.update(dpo={"beta": 0.2})))], 2,
+        ["dpo: set", "objective is orpo"]),
+    "config dpo unknown key": lambda c: Case(["train", c.config(lambda r: (r["training"].update(
+        objective="dpo"), r["data"].update(format="preference"), r.update(dpo={"betta": 0.2})))], 2,
+        ["dpo.betta", "did you mean dpo.beta"]),
+    "config orpo lambda negative": lambda c: Case(["train", c.config(lambda r: (r["training"].update(
+        objective="orpo"), r["data"].update(format="preference"), r.update(orpo={"lambda": -1})))], 2,
+        ["orpo.lambda"]),
+    "config preference packing": lambda c: Case(["train", c.config(lambda r: (r["training"].update(
+        objective="dpo"), r["data"].update(format="preference", packing=True)))], 2, ["data.packing", "preference"]),
+    "config dpo full": lambda c: Case(["train", c.config(lambda r: (r.pop("lora"), r.update(method="full"), r[
+        "training"].update(objective="dpo"), r["data"].update(format="preference")))], 2, ["use method: lora"]),
+    "config init_from missing": lambda c: Case(["train", c.config(lambda r: r.update(lora={
+        "init_from": str(c.root / "nope")}))], 2, ["lora.init_from", "nope"]),
+    "config init_from not an adapter": lambda c: Case(["train", c.config(lambda r: r.update(lora={
+        "init_from": str(c.root)}))], 2, ["lora.init_from", "adapter_config.json"]),
+    "config init_from with r": lambda c: Case(["train", c.config(lambda r: r["lora"].update(
+        init_from=str(c.adapter)))], 2, ["lora.", "init_from sets the whole lora section"]),
+    "data pair without rejected": lambda c: Case(["train", c.with_pairs(
+        _PAIR + '{"prompt": "2+2=", "chosen": "4"}\n')], 2,
+        ["d.jsonl, line 2", "'rejected'"]),
+    "data pair answer not assistant": lambda c: Case(["train", c.with_pairs(
+        '{"prompt": "a", "chosen": [{"role": "user", "content": "x"}], "rejected": "y"}\n')], 2, ["line 1", "'chosen'", "one assistant message"]),
+    "data pair chat prompt without template": lambda c: Case(["train", c.with_pairs(
+        '{"prompt": [{"role": "user", "content": "a"}], "chosen": "x", "rejected": "y"}\n')], 2, ["line 1", "chat_template: true"]),
     "config r is a boolean": lambda c: Case(["train", c.config(lambda r: r["lora"].update(r=True))], 2, ["lora.r"]),
     "config alpha infinite": lambda c: Case(["train", c.config(lambda r: r["lora"].update(alpha=float("inf")))], 2,
                                             ["lora.alpha", "finite"]),
@@ -410,10 +455,12 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "adapter magnitudes without dora": lambda c: Case(["eval", c.tensors(lambda s: s.__setitem__(
         c.first("lora_A.weight").replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(64)))], 2,
         ["DoRA magnitudes", "use_dora"]),
-    "adapter pissa": lambda c: Case(["merge", c.peft(init_lora_weights="pissa"), "-o", str(c.root / "m")], 2,
-                                    ["init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
+    "adapter pissa at half weight": lambda c: Case(["merge", c.peft(init_lora_weights="pissa"), "-o",
+                                                    str(c.root / "m"), "--weights", "0.5"], 2,
+                                                   ["pissa/olora", "at weight 1", "path_initial_model_for_weight_conversion"]),
+    "adapter olora to gguf": lambda c: Case(["export", c.peft(init_lora_weights="olora"), "--to", "gguf"], 2,
+                                            ["without conversion", "'olora'", "--merged"]),
     "adapter pissa niter": lambda c: Case(["eval", c.peft(init_lora_weights="pissa_niter_4")], 2, ["pissa_niter_4"]),
-    "adapter olora": lambda c: Case(["generate", c.peft(init_lora_weights="olora"), "-p", "x"], 2, ["olora"]),
     "adapter corda": lambda c: Case(["inspect", c.peft(init_lora_weights="corda")], 2, ["corda"]),
     "adapter loftq": lambda c: Case(["inspect", c.peft(init_lora_weights="loftq", loftq_config={"loftq_bits": 4})], 2,
                                     ["loftq"]),

@@ -146,8 +146,9 @@ def test_gaussian_init_std():
 
 
 def test_unknown_init_is_an_error():
-    with pytest.raises(LoraError, match="init"):
-        _layer(init="pissa")
+    for init in ("svd", "pissa_niter_x"):
+        with pytest.raises(LoraError, match="unknown LoRA init"):
+            _layer(init=init)
 
 
 def test_conv1d_fan_in_fan_out():
