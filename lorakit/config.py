@@ -393,7 +393,7 @@ def _objective_problems(raw: dict, config: Config) -> list[str]:
     problems = []
     objective, data = config.training.objective, config.data
     for section in ("dpo", "orpo"):
-        if section in raw and objective != section:
+        if raw.get(section) is not None and objective != section:
             problems.append(f"{section}: set, but training.objective is {objective}; set training.objective: {section} "
                             "or remove the section")
     if objective != "sft":

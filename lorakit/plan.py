@@ -12,6 +12,7 @@ from lorakit.config import Config
 from lorakit.data import build_examples, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.model import load_tokenizer
+from lorakit.pairs import build_pairs
 from lorakit.preflight import preflight
 
 
@@ -19,7 +20,7 @@ from lorakit.preflight import preflight
 class Plan:
     """The numbers of a run that can be known before it starts."""
 
-    examples: int  # training rows (packed rows when data.packing is on)
+    examples: int  # training rows (packed rows when data.packing is on; pairs for DPO / ORPO)
     tokens_per_epoch: int
     trained_tokens_per_epoch: int  # tokens that carry loss
     longest: int  # tokens in the longest row
@@ -35,19 +36,24 @@ def make_plan(cfg: Config, processes: int = 1) -> Plan:
     t = cfg.training
     preflight(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    examples = build_examples(cfg.data, tokenizer, "train")
-    if cfg.data.packing:
-        examples = pack(examples, cfg.data.max_length, t.seed)
+    if t.objective != "sft":  # a batch of pairs puts both answers of each through the model
+        pairs = build_pairs(cfg.data, tokenizer, "train")
+        units, examples, rows_per_unit = len(pairs), [p[k] for p in pairs for k in ("chosen", "rejected")], 2
+    else:
+        examples = build_examples(cfg.data, tokenizer, "train")
+        if cfg.data.packing:
+            examples = pack(examples, cfg.data.max_length, t.seed)
+        units, rows_per_unit = len(examples), 1
     lengths = [len(e["input_ids"]) for e in examples]
     trained = [labelled_targets(e) for e in examples]
-    per_epoch = epoch_steps(len(examples), t, processes)
+    per_epoch = epoch_steps(units, t, processes)
     steps = total_steps(t, per_epoch)
     # The heaviest micro-batch: the longest rows padded to the longest length, with the
-    # most trained tokens.
-    batch = min(t.batch_size, len(examples))
+    # most trained tokens (DPO's reference pass keeps no activations for backward).
+    batch = min(t.batch_size, units) * rows_per_unit
     memory = estimate_memory(cfg, batch, max(lengths), sum(sorted(trained)[-batch:]))
     return Plan(
-        examples=len(examples),
+        examples=units,
         tokens_per_epoch=sum(lengths),
         trained_tokens_per_epoch=sum(trained),
         longest=max(lengths),

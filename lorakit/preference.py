@@ -190,6 +190,6 @@ def evaluate_pairs(loss_model: PreferenceLoss, pairs: list[dict], batch_size: in
         chunk = pairs[i : i + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
         total += loss_model(**batch).float().item() * len(chunk)
-        stats += loss_model.stats.cpu()
+        stats += getattr(loss_model, "module", loss_model).stats.cpu()  # DDP wraps the module that keeps them
     loss_model.train(was_training)
     return {"val_loss": total / max(len(pairs), 1), **{f"val_{k}": v for k, v in summarize(stats).items()}}

@@ -157,23 +157,26 @@ class Progress:
 
 
 def loss_plot(out: Path, history: list[dict]) -> Path | None:
-    """``loss.png``: training and validation loss against steps."""
+    """``loss.png``: training and validation loss against steps (and, for preference
+    objectives, the preference accuracy beside it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    if not train:
+    if not any("loss" in r for r in history):
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    panels = [("loss", "val_loss")] + ([("accuracy", "val_accuracy")] if any("accuracy" in r for r in history) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, val_key) in zip(axes[0], panels):
+        train = [(r["step"], r[key]) for r in history if key in r]
+        val = [(r["step"], r[val_key]) for r in history if val_key in r]
+        ax.plot(*zip(*train), label="train")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("preference accuracy" if key == "accuracy" else "loss")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
@@ -190,6 +193,9 @@ def summary_table(history: list[dict], adapter_dir: Path) -> None:
         table.add_row("tokens/s", f"{sum(r['tokens_per_s'] for r in train) / len(train):.0f}")
     if val:
         table.add_row("validation loss", " → ".join(f"{v:.4f}" for v in (val[0], val[-1])[: len(val)]))
+    accuracy = [r["val_accuracy"] for r in history if "val_accuracy" in r]
+    if accuracy:
+        table.add_row("preference accuracy", " → ".join(f"{v:.3f}" for v in (accuracy[0], accuracy[-1])[: len(accuracy)]))
     table.add_row("adapter", _e(adapter_dir))
     console.print(table)
 
@@ -212,6 +218,7 @@ def plan_tables(plan, cfg, processes: int, measured: tuple[int, int] | None = No
         ("parameters", f"{m.trainable_params:,} trainable of {m.total_params:,} "
                        f"({100 * m.trainable_params / m.total_params:.3f}%)"),
         ("training rows", f"{plan.examples:,}" + (" (packed)" if cfg.data.packing else "")
+                          + (" pairs (two answers each)" if t.objective != "sft" else "")
                           + f", longest {plan.longest} tokens (max_length {cfg.data.max_length})"),
         ("tokens per epoch", f"{plan.tokens_per_epoch:,}, of which {plan.trained_tokens_per_epoch:,} carry loss "
                              f"({100 * plan.trained_tokens_per_epoch / plan.tokens_per_epoch:.1f}%)"),
@@ -222,7 +229,8 @@ def plan_tables(plan, cfg, processes: int, measured: tuple[int, int] | None = No
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-    memory = Table(title=f"memory per process, heaviest micro-batch {t.batch_size} × {plan.longest} tokens")
+    rows_per_batch = t.batch_size * (2 if t.objective != "sft" else 1)
+    memory = Table(title=f"memory per process, heaviest micro-batch {rows_per_batch} × {plan.longest} tokens")
     memory.add_column("part")
     for on in (False, True):
         mark = " (configured)" if on == m.checkpointing else ""

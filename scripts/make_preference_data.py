@@ -37,8 +37,8 @@ def pairs_for(adapter: str, split: str, rows: int, scratch: Path) -> tuple[list[
         if not mine or mine == theirs:
             continue
         rouge1 = score("rouge", [mine], [theirs])["rouge1"]
-        pairs.append({"package": row["package"], "description": row["description"], "chosen": theirs,
-                      "rejected": mine, "rejected_rouge1": round(rouge1, 4)})
+        # The row's own fields stay, so supervised configs (completion_field: synopsis) read it too.
+        pairs.append({**row, "chosen": theirs, "rejected": mine, "rejected_rouge1": round(rouge1, 4)})
     return pairs, len(originals)
 
 

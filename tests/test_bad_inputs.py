@@ -296,6 +296,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         "init_from": str(c.root)}))], 2, ["lora.init_from", "adapter_config.json"]),
     "config init_from with r": lambda c: Case(["train", c.config(lambda r: r["lora"].update(
         init_from=str(c.adapter)))], 2, ["lora.", "init_from sets the whole lora section"]),
+    "config init_from another base": lambda c: Case(["train", c.config(lambda r: (r["model"].update(
+        name_or_path=save_tiny_model(c.root / "wide", hidden=96)), r.update(lora={"init_from": str(c.adapter)})))],
+        2, ["does not fit", "shape"]),
     "data pair without rejected": lambda c: Case(["train", c.with_pairs(
         _PAIR + '{"prompt": "2+2=", "chosen": "4"}\n')], 2,
         ["d.jsonl, line 2", "'rejected'"]),

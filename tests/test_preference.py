@@ -246,6 +246,7 @@ def test_a_preference_run_learns_and_its_adapter_is_like_any_other(objective, ti
         assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at step 0
         assert val[-1]["val_margin"] > 0 and val[-1]["val_accuracy"] > 0.5
     assert sum(r["loss"] for r in steps[-4:]) < sum(r["loss"] for r in steps[:4])
+    assert (tmp_path / "run" / "loss.png").is_file()
     adapter = tmp_path / "run" / "adapter"
     for args in (["merge", str(adapter), "-o", str(tmp_path / "merged")],
                  ["eval", str(adapter), "--metric", "rouge", "--limit", "4", "--max-new-tokens", "3"],
@@ -290,3 +291,42 @@ def test_dpo_from_an_sft_adapter_precomputed_and_resumed(tiny_model_dir, tmp_pat
     assert result.exit_code == 0, result.output
     resumed = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(resumed[k], pre[k]) for k in pre)
+
+
+@pytest.mark.slow  # a real 2-process run (gloo)
+def test_two_processes_equal_one_with_accumulation(tiny_model_dir, tmp_path):
+    """DPO's step mean over pairs and its statistics are reduced across processes exactly as
+    accumulation sums them in one."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    raw = _dpo_config(tmp_path, tiny_model_dir, max_steps=4, batch_size=4, grad_accum=2, eval_every=None)
+    assert _train(tmp_path, raw).exit_code == 0
+    raw["training"].update(grad_accum=1, output_dir=str(tmp_path / "two"))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(tmp_path / "two.yaml"), "--num-processes",
+                           "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = ([r for r in _metrics(tmp_path / d) if "loss" in r] for d in ("run", "two"))
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for key in ("loss", "margin", "accuracy", "rewards_chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    first, second = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("run", "two"))
+    assert all(torch.allclose(first[k], second[k], rtol=1e-5, atol=1e-7) for k in first)
+
+
+def test_plan_counts_pairs_and_both_answers(tiny_model_dir, tmp_path):
+    from lorakit.config import validate_config
+    from lorakit.plan import make_plan
+    from lorakit.train import train
+
+    raw = _dpo_config(tmp_path, tiny_model_dir, max_steps=None, epochs=1, eval_every=None)
+    cfg = validate_config(raw, "test")
+    plan = make_plan(cfg)
+    pairs = build_pairs(cfg.data, byte_tokenizer())
+    assert plan.examples == len(pairs) == 64 and plan.steps_per_epoch == 64 // 8
+    assert plan.tokens_per_epoch == sum(len(p[k]["input_ids"]) for p in pairs for k in ("chosen", "rejected"))
+    assert train(cfg).steps == plan.steps

@@ -56,3 +56,26 @@ def test_quickstart_chain_train_merge_eval(tmp_path, monkeypatch):
     assert scored.exit_code == 0, scored.output
     metrics = json.loads((out / "merged" / "eval" / "metrics.json").read_text())
     assert metrics["rows"] == 2 and 0 <= metrics["model"]["rouge1"] <= 1 and metrics["model"]["perplexity"] > 1
+
+
+def test_quickstart_dpo_starts_from_the_sft_adapter(tmp_path, monkeypatch):
+    """configs/quickstart-dpo.yaml on its shipped pairs, from a (1-step) quickstart adapter:
+    the start-up loss is log 2 (the reference is that adapter) and the adapter keeps its shape."""
+    monkeypatch.chdir(ROOT)
+    runner = CliRunner()
+    sft = tmp_path / "sft"
+    result = runner.invoke(app, ["train", "configs/quickstart.yaml", "--set", "training.max_steps=1", "--set",
+                                 "data.validation=null", "--set", "training.batch_size=2", "--set",
+                                 f"training.output_dir={sft}"])
+    assert result.exit_code == 0, result.output
+    dpo = tmp_path / "dpo"
+    result = runner.invoke(app, ["train", "configs/quickstart-dpo.yaml", "--set", f"lora.init_from={sft / 'adapter'}",
+                                 "--set", "training.max_steps=2", "--set", "training.batch_size=2", "--set",
+                                 "data.validation_limit=4", "--set", "training.eval_every=2", "--set",
+                                 f"training.output_dir={dpo}"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(0.6931, abs=2e-3) and "val_accuracy" in records[-1]
+    sft_config = json.loads((sft / "adapter" / "adapter_config.json").read_text())
+    dpo_config = json.loads((dpo / "adapter" / "adapter_config.json").read_text())
+    assert (dpo_config["r"], dpo_config["target_modules"]) == (sft_config["r"], sft_config["target_modules"])
