@@ -15,6 +15,7 @@ tensor (names, shapes, dtypes, finite values) before the model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import Config, LoraConfig
 from lorakit.errors import LoraError
 from lorakit.files import atomic_file
 from lorakit.inject import Target, add_lora, is_extra, lora_modules, plan_injection
@@ -158,6 +159,16 @@ class Adapter:
     config: LoraConfig
     base_model: str | None
     tensors: dict[str, torch.Tensor]
+
+
+def with_init_from(config: Config) -> Config:
+    """``config`` with the lora section of the adapter its ``lora.init_from`` names (r,
+    alpha, targets...: that adapter's own), so that whatever plans, trains or saves the run
+    sees what will train."""
+    if config.method != "lora" or not config.lora.init_from:
+        return config
+    adapter, _ = read_adapter_config(config.lora.init_from)
+    return config.model_copy(update={"lora": dataclasses.replace(adapter, init_from=config.lora.init_from)})
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, str | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorakit.adapter_io import with_init_from
 from lorakit.config import Config
 from lorakit.data import build_examples, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.memory import MemoryEstimate, estimate_memory
@@ -33,6 +34,7 @@ class Plan:
 
 def make_plan(cfg: Config, processes: int = 1) -> Plan:
     """Tokenize the training data and estimate the run's memory (per process)."""
+    cfg = with_init_from(cfg)
     t = cfg.training
     preflight(cfg)
     tokenizer = load_tokenizer(cfg.model)

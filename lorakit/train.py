@@ -12,7 +12,6 @@ micro-batch with few labelled tokens weighs as little as it should.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -34,7 +33,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from lorakit import report
-from lorakit.adapter_io import load_adapter, read_adapter_config, save_adapter
+from lorakit.adapter_io import load_adapter, save_adapter, with_init_from
 from lorakit.checkpoint import capture_rng, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
@@ -219,6 +218,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         TrainingError: a non-finite loss (naming the step and the last good checkpoint).
         TrainingInterrupted: after Ctrl-C, once a checkpoint is saved.
     """
+    cfg = with_init_from(cfg)
     t = cfg.training
     out = Path(t.output_dir)
     checkpoints = out / "checkpoints"
@@ -229,7 +229,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     set_seed(t.seed)
 
     # Build: tokenizer and data first, so bad data fails before the model loads.
-    cfg = _with_init_from(cfg)
     preference = t.objective != "sft"
     batching = PREFERENCE if preference else SUPERVISED
     tokenizer = load_tokenizer(cfg.model)
@@ -364,15 +363,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears down the process group, so workers exit cleanly
     return RunResult(adapter_dir, step, metrics.history if main else [], main, trainable)
-
-
-def _with_init_from(cfg: Config) -> Config:
-    """With ``lora.init_from``, the lora section is that adapter's own config (so that the
-    start-up table, checkpoints and the saved config describe what trains)."""
-    if cfg.method != "lora" or not cfg.lora.init_from:
-        return cfg
-    adapter, _ = read_adapter_config(cfg.lora.init_from)
-    return cfg.model_copy(update={"lora": dataclasses.replace(adapter, init_from=cfg.lora.init_from)})
 
 
 def _validate(loss_model, val_set: list[dict], preference: bool, batch_size: int, pad_id: int, device) -> dict:
