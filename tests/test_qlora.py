@@ -85,3 +85,24 @@ def test_dora_on_4bit_trains_and_unloads_to_what_it_computed(quantized, ids):
     expected = logits(model, ids)  # train mode: the exact (unpacked) 4-bit kernel
     plain = unload_lora(model)
     torch.testing.assert_close(logits(plain, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_weight_inits_refuse_a_4bit_base(quantized, tmp_path):
+    """PiSSA/OLoRA would have to re-quantize the residual base: refused, for a new adapter and
+    for a PEFT adapter saved without conversion, before the model is touched."""
+    model = quantized()
+    with pytest.raises(LoraError, match="quantized base"):
+        add_lora(model, LoraConfig(r=4, target_modules=["q_proj"], init="pissa"))
+    assert not lora_modules(model)
+    import json
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft = get_peft_model(_llama64(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                     init_lora_weights="olora"))
+    peft.save_pretrained(tmp_path / "olora")
+    assert json.loads((tmp_path / "olora" / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
+    with pytest.raises(LoraError, match="is quantized.*'olora'"):
+        load_adapter(model, tmp_path / "olora")
+    assert not lora_modules(model)
