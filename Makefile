@@ -31,9 +31,10 @@ demo: install
 	$(VENV)/bin/lorakit export runs/quickstart/adapter --to gguf --force
 	$(PY) scripts/llama_cpp_check.py runs/quickstart/adapter runs/quickstart/export-gguf/adapter.gguf
 
-# lorakit against PEFT side by side (layer level, memory, end to end); writes bench.json.
+# lorakit against PEFT (layer level, memory, end to end, DoRA) and TRL (DPO) side by side; writes bench*.json.
 bench: install
 	$(PY) scripts/bench.py --output scripts/results/bench.json
+	$(PY) scripts/dpo_bench.py --output scripts/results/bench-dpo.json
 
 # On a machine with one CUDA GPU and a CUDA build of torch: training (bf16, QLoRA), merge,
 # eval and the end-to-end bench rows, under 8 minutes, one summary (not run by CI).

@@ -2,6 +2,8 @@
 
     python scripts/bench.py              # everything (make bench); writes bench.json
     python scripts/bench.py --quick      # fewer repetitions, tiny model only
+    python scripts/bench.py --dora-only --output scripts/results/bench-dora.json   # DoRA against PEFT's DoRA
+    python scripts/dpo_bench.py          # DPO against TRL's DPOTrainer (make bench runs it too)
 
 Timings alternate the order of the two libraries every repetition after a warm-up and
 report the median of per-repetition lorakit/PEFT ratios with its spread (min-max). PEFT
@@ -328,6 +330,8 @@ def e2e_child(lib: str, seed: int, steps: int) -> None:
                      "training.save_every=null", f"training.seed={seed}"]
         if lib == "lorakit-float32":
             overrides.append("model.dtype=float32")
+        if lib.endswith("-dora"):
+            overrides.append("lora.use_dora=true")
         cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
         if lib.startswith("lorakit"):
             from lorakit.train import train
@@ -412,6 +416,24 @@ def end_to_end(steps: int, seeds: int) -> list[dict]:
     return [speed, dtype, memory]
 
 
+def dora_end_to_end(steps: int) -> list[dict]:
+    """The quickstart with DoRA (``lora.use_dora``), lorakit against PEFT's DoRA + Trainer,
+    one run each in a fresh process: tokens/s and peak memory."""
+    runs = {}
+    for lib in ("lorakit-dora", "peft-dora"):
+        out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, "0", str(steps)],
+                             capture_output=True, text=True, check=True)
+        runs[lib] = json.loads(out.stdout.strip().splitlines()[-1])
+    mine, theirs = runs["lorakit-dora"], runs["peft-dora"]
+    return [{"model": "SmolLM2", "what": f"DoRA end to end quickstart, {steps} steps: tokens/s",
+             "a_s": mine["tokens_per_s"], "b_s": theirs["tokens_per_s"],
+             "ratio": mine["tokens_per_s"] / theirs["tokens_per_s"], "spread": None,
+             "lorakit_val_loss": mine["val_loss"], "peft_val_loss": theirs["val_loss"]},
+            {"model": "SmolLM2", "what": "DoRA end to end quickstart: peak memory MB (whole process on the CPU)",
+             "a_s": mine["peak_mb"], "b_s": theirs["peak_mb"], "ratio": mine["peak_mb"] / theirs["peak_mb"],
+             "spread": None}]
+
+
 def show(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -450,6 +472,8 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int, default=20, help="steps of the end-to-end comparison (0: skip)")
     parser.add_argument("--e2e-seeds", type=int, default=3, help="seeds of the end-to-end comparison")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end rows")
+    parser.add_argument("--dora-steps", type=int, default=10, help="steps of the DoRA end-to-end rows (0: skip)")
+    parser.add_argument("--dora-only", action="store_true", help="only the DoRA end-to-end rows")
     parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
@@ -461,8 +485,8 @@ def main() -> None:
         lib, seed, steps = args.e2e_child
         return e2e_child(lib, int(seed), int(steps))
     reps, iters = (3, 1) if args.quick else (5, 2)
-    if args.e2e_only:
-        rows = end_to_end(args.e2e_steps, args.e2e_seeds)
+    if args.e2e_only or args.dora_only:
+        rows = dora_end_to_end(args.dora_steps) if args.dora_only else end_to_end(args.e2e_steps, args.e2e_seeds)
         show(rows)
         Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
                                                  "threads": torch.get_num_threads(), "rows": rows}, indent=2))
@@ -472,6 +496,8 @@ def main() -> None:
         rows += layer_level("smollm2", reps, 1, quick=True) + peak_memory("smollm2", quick=True)
         if args.e2e_steps:
             rows += end_to_end(args.e2e_steps, args.e2e_seeds)
+        if args.dora_steps:
+            rows += dora_end_to_end(args.dora_steps)
     show(rows)
     Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
                                              "threads": torch.get_num_threads(), "rows": rows}, indent=2))

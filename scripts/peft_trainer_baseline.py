@@ -47,7 +47,8 @@ def run_baseline(cfg) -> dict:
     model = load_model(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
     targets = sorted(find_targets(model, cfg.lora))  # the very layers lorakit adapts
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets))
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+        use_dora=cfg.lora.use_dora))
     tokens = {"n": 0}
 
     def collator(examples):
