@@ -359,7 +359,7 @@ def _file_problems(raw: dict) -> list[str]:
             problems.append(f"training.output_dir: {output!r} cannot be written ({existing} is not a writable directory)")
     init_from = _raw_section(raw, "lora").get("init_from")
     if isinstance(init_from, str) and (problem := missing_path(init_from)):
-        problems.append(f"lora.init_from: {problem}")
+        problems.append(f"lora.init_from: {problem} (train the run that writes that adapter first)")
     elif isinstance(init_from, str) and not (Path(init_from).expanduser() / "adapter_config.json").is_file():
         problems.append(f"lora.init_from: {init_from!r} holds no adapter_config.json; name an adapter directory")
     name = _raw_section(raw, "model").get("name_or_path")
