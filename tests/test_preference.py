@@ -250,7 +250,8 @@ def test_a_preference_run_learns_and_its_adapter_is_like_any_other(objective, ti
     adapter = tmp_path / "run" / "adapter"
     for args in (["merge", str(adapter), "-o", str(tmp_path / "merged")],
                  ["eval", str(adapter), "--metric", "rouge", "--limit", "4", "--max-new-tokens", "3"],
-                 ["generate", str(adapter), "-p", "1+2=", "--max-new-tokens", "2"]):
+                 ["generate", str(adapter), "-p", "1+2=", "--max-new-tokens", "2"],
+                 ["export", str(adapter), "--to", "vllm", "-o", str(tmp_path / "vllm")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
 
