@@ -78,9 +78,12 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def precompute_reference(loss_model, pairs: list[dict], batch_size: int, pad_id: int, device) -> None:
     """Store the reference's log-probs of each pair's answers in the pair (``"reference"``),
     so that training needs no reference pass (``dpo.precompute_reference``)."""
+    was_training = loss_model.training
+    loss_model.train()  # the mode the policy trains in (see PreferenceLoss.reference_logps)
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
         logps = loss_model.reference_logps(batch).float().cpu()
         for pair, chosen, rejected in zip(chunk, *logps.chunk(2)):
             pair["reference"] = (float(chosen), float(rejected))
+    loss_model.train(was_training)

@@ -64,6 +64,24 @@ class ReferenceWeights:
                     p.copy_(value)
 
 
+@contextmanager
+def _without_dropout(model: nn.Module) -> Iterator[None]:
+    """Every dropout probability of ``model`` at 0 inside the block: ``nn.Dropout`` modules,
+    and float ``dropout`` / ``attention_dropout`` attributes (LoRA layers, transformers' attention)."""
+    saved = []
+    for module in model.modules():
+        for name in ("p", "dropout", "attention_dropout"):
+            value = module.__dict__.get(name)
+            if (name != "p" or isinstance(module, nn.Dropout)) and isinstance(value, float) and value > 0:
+                saved.append((module, name, value))
+                setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its labelled tokens, and how many there are.
 
@@ -142,14 +160,13 @@ class PreferenceLoss(nn.Module):
         self.reference = ReferenceWeights(self.model)
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The reference's summed log-probs of the batch's rows (no dropout, no gradient)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), self.reference.active():
-                return sequence_logps(self.model, batch)[0]
-        finally:
-            self.model.train(was_training)
+        """The reference's summed log-probs of the batch's rows (no dropout, no gradient).
+
+        The pass keeps the model's mode and only switches dropout off: a mode switch can
+        change the arithmetic itself (bitsandbytes' CPU 4-bit layers use another kernel in
+        eval mode), and the reference must differ from the policy only by its weights."""
+        with torch.no_grad(), self.reference.active(), _without_dropout(self.model):
+            return sequence_logps(self.model, batch)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 reference_logps: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:

@@ -174,6 +174,10 @@ def test_the_reference_is_the_model_at_step_0(tiny_model_dir, tmp_path):
             m.lora_B.weight.normal_(0, 0.3)
     trained = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.testing.assert_close(loss.reference_logps(batch), base, atol=1e-6, rtol=1e-6)
+    model.train()  # as in training: the reference pass switches dropout (0.05 here) off, not the mode
+    torch.testing.assert_close(loss.reference_logps(batch), base, atol=1e-6, rtol=1e-6)
+    assert model.training and all(m.dropout == 0.05 for m in lora_modules(model).values())
+    model.eval()
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert not torch.allclose(sequence_logps(model, batch)[0], base, atol=1e-3)
     # At step 0 the policy is the reference: the loss is log 2 and every reward is zero.

@@ -47,7 +47,7 @@ def test_lora_wraps_4bit_layers_and_trains(quantized, ids):
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [m.lora_B.weight.grad for m in lora_modules(model).values()]
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads), [None if g is None else float(g.abs().sum()) for g in grads]
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
@@ -106,3 +106,29 @@ def test_weight_inits_refuse_a_4bit_base(quantized, tmp_path):
     with pytest.raises(LoraError, match="is quantized.*'olora'"):
         load_adapter(model, tmp_path / "olora")
     assert not lora_modules(model)
+
+
+def test_dpo_on_a_4bit_base(quantized):
+    """The reference swap touches only the adapter: on a 4-bit base the step-0 loss is log 2,
+    B gets gradients, and after a change to B the reference pass still gives the start's log-probs."""
+    from lorakit.config import Config
+    from lorakit.preference import PreferenceLoss, sequence_logps
+
+    model = add_lora(quantized(), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])).train()
+    config = Config.model_validate({"data": {"train": "unused", "format": "preference"},
+                                    "training": {"max_steps": 1, "objective": "dpo"}})
+    loss_model = PreferenceLoss(model, config)
+    loss_model.freeze_reference()
+    ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    start = sequence_logps(model, batch)[0].detach()
+    loss = loss_model(**batch)
+    assert loss.item() == pytest.approx(0.6931472, abs=1e-5)
+    loss.backward()
+    grads = [m.lora_B.weight.grad for m in lora_modules(model).values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads), [None if g is None else float(g.abs().sum()) for g in grads]
+    randomize_lora(model)
+    assert not torch.allclose(sequence_logps(model, batch)[0], start, atol=1e-3)
+    torch.testing.assert_close(loss_model.reference_logps(batch), start, atol=1e-5, rtol=1e-5)
