@@ -4,8 +4,8 @@
 
 Greedy continuations of the first validation prompts must be the same token for token.
 llama.cpp runs the adapter on a float32 GGUF of the base (written once by lorakit's own
-GGUF writer, cached beside the converted default model) with a float32 KV cache, so the
-comparison is not blurred by quantization. Needs llama-cpp-python (``make install``).
+GGUF writer, cached beside the converted default model) with a float32 KV cache, and
+lorakit runs in float32 too, so the comparison is not blurred by quantization or bfloat16. Needs llama-cpp-python (``make install``).
 Exit status 1 when a continuation differs.
 """
 
@@ -31,7 +31,8 @@ F32 = 0  # GGML_TYPE_F32
 
 
 def base_f32_gguf(model, source: Path) -> Path:
-    path = cache_dir() / "gguf" / f"{source.stem}-{source.stat().st_size}-f32.gguf"
+    dtype = str(model.dtype).removeprefix("torch.")  # the weights written are the loaded model's
+    path = cache_dir() / "gguf" / f"{source.stem}-{source.stat().st_size}-f32-from-{dtype}.gguf"
     if not path.is_file():
         with atomic_file(path) as tmp:
             write_model(tmp, model.state_dict(), model.config, "f32", tokenizer_metadata(source))
@@ -52,7 +53,8 @@ def main() -> int:
     if source is None:
         sys.exit(f"{args.adapter}: its base is not a GGUF model; this check needs one")
     tokenizer = load_tokenizer(target.model)
-    model = load_model(target.model).eval()
+    # float32 on both sides: a bfloat16 lorakit against float32 llama.cpp can flip near-ties.
+    model = load_model(target.model.model_copy(update={"dtype": "float32"})).eval()
     base = base_f32_gguf(model, source)
     load_adapter(model, target.adapter)
     engine = Llama(str(base), lora_path=args.gguf, n_ctx=1024, verbose=False, type_k=F32, type_v=F32)
