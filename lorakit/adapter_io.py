@@ -392,7 +392,7 @@ def adapter_problems(model: nn.Module, adapter: Adapter) -> list[str]:
             problems.append(f"it has no tensor for {key}")
         elif tuple(state[key].shape) != shape:
             problems.append(f"{key} has shape {tuple(state[key].shape)}, the model needs {shape}")
-    if adapter.config.init not in ("kaiming", "gaussian") and not lora_modules(model):
+    if adapter.config.changes_base and not lora_modules(model):
         problems += _rebuild_problems(model, adapter.config)
     if not problems:
         for name, module in lora_modules(model).items():

@@ -105,7 +105,7 @@ class LoraConfig:
 
     @model_validator(mode="after")
     def _init_fits(self) -> LoraConfig:
-        if self.init not in ("kaiming", "gaussian") and self.use_dora:
+        if self.changes_base and self.use_dora:
             raise ValueError(f"init: {self.init} is not supported together with use_dora")
         return self
 
@@ -133,6 +133,12 @@ class LoraConfig:
             if not value > 0:
                 raise ValueError(f"{key!r}: {value!r} must be > 0")
         return pattern
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether ``init`` takes part of each base weight out (PiSSA, OLoRA), so that the
+        factors are right only on that changed base."""
+        return self.init not in ("kaiming", "gaussian")
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of the fields."""
@@ -381,7 +387,7 @@ def _cross_problems(raw: dict, config: Config) -> list[str]:
         if config.training.loraplus_lr_ratio is not None:
             problems.append("training.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B factors; "
                             "full fine-tuning has none")
-    elif config.model.quantization is not None and config.lora.init not in ("kaiming", "gaussian"):
+    elif config.model.quantization is not None and config.lora.changes_base:
         problems.append(f"lora.init: {config.lora.init} takes the principal part out of each base weight, which a "
                         "quantized base cannot take without re-quantizing; use init: kaiming with model.quantization")
     problems += _objective_problems(raw, config)

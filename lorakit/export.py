@@ -72,7 +72,7 @@ def _layers(adapter: Adapter, tree) -> dict[str, tuple[torch.Tensor, torch.Tenso
 def _no_extras(adapter: Adapter, engine: str) -> None:
     """Refuse what ``engine``'s adapters cannot carry: a changed base, DoRA, trained whole modules and biases."""
     config = adapter.config
-    if config.init not in ("kaiming", "gaussian"):
+    if config.changes_base:
         raise LoraError(f"{adapter.path} was saved by PEFT without conversion (init_lora_weights={config.init!r}): "
                         f"it is right only on a base with its principal part taken out, which {engine} does not "
                         "build; export the merged model instead (--merged or --to merged)")

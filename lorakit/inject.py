@@ -230,7 +230,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, strict: bool = True) ->
         if roles and config.use_dora:
             raise LoraError(f"lora.use_dora adapts whole layers, and {name} would get q/k/v slices: target it "
                             f"by name ({name.rsplit('.', 1)[-1]}) instead of by role")
-        if roles and config.init not in ("kaiming", "gaussian"):
+        if roles and config.changes_base:
             raise LoraError(f"lora.init: {config.init} adapts whole layers, and {name} would get q/k/v slices: "
                             f"target it by name ({name.rsplit('.', 1)[-1]}) instead of by role")
         if strict and r > min(d_in, *(sizes or (d_out,))):  # PEFT allows it: adapters may carry it

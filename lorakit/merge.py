@@ -124,7 +124,7 @@ def merge_adapters(
     if any(c.use_dora for c in configs) and (len(adapters) > 1 or weights != [1.0]):
         raise InputError("a DoRA adapter merges alone and at weight 1: its magnitudes renormalise the whole "
                          "weight, so neither a sum of adapters nor a fraction of one is defined")
-    if any(c.init not in ("kaiming", "gaussian") for c in configs) and (len(adapters) > 1 or weights != [1.0]):
+    if any(c.changes_base for c in configs) and (len(adapters) > 1 or weights != [1.0]):
         raise InputError("an adapter PEFT saved without conversion (init_lora_weights pissa/olora) is an update of a "
                          "base with its principal part taken out: it merges alone and at weight 1. Save it in PEFT "
                          "with path_initial_model_for_weight_conversion to combine or scale it")
