@@ -231,6 +231,7 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False
     objective: Literal["sft", "dpo", "orpo"] = "sft"
 
     @model_validator(mode="after")

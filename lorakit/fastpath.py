@@ -104,7 +104,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     about twice as fast as the float Bernoulli draws of ``F.dropout`` (the random number
     generator is most of dropout's cost there), and ``p`` is honoured to 2⁻³¹.
     """
-    if x.device.type != "cpu" or p >= 1:
+    if x.device.type != "cpu" or p >= 1 or torch.compiler.is_compiling():  # compiled: the compiler's own RNG
         return F.dropout(x, p, training=True)
     draws = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2³¹)
     return x * (draws >= round(p * 2**31)) * (1 / (1 - p))

@@ -246,7 +246,9 @@ class LoRALinear(nn.Module):
         # matrix streams through the cache and evicts it (measured: a 1x8-token forward through
         # many adapters pays less this way round).
         grad = torch.is_grad_enabled()
-        if self.shared_input is not None and grad:
+        # Under torch.compile the compiler schedules the sibling matmuls itself, and the
+        # shared round's Python bookkeeping (tensor identity, versions) would break its graph.
+        if self.shared_input is not None and grad and not torch.compiler.is_compiling():
             a = self.shared_input.down(self, x)
         else:
             a_in = rows

@@ -216,6 +216,18 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
+def compile_decoder(model: PreTrainedModel) -> None:
+    """``torch.compile`` the decoder stack (``model.base_model``) in place.
+
+    The stack is one graph: its blocks and their LoRA layers trace without a break, so
+    the layers share one compilation instead of recompiling per block. Shapes are dynamic
+    from the start (batches vary in length). Compiling in place keeps the module tree and
+    parameter names, so checkpoints and adapters are saved as from an eager run; the
+    output head stays outside, in lorakit's chunked loss.
+    """
+    model.base_model.compile(dynamic=True)
+
+
 def adapter_base_config(adapter_dir: Path, base: str | None = None, trust_remote_code: bool = False) -> ModelConfig:
     """The adapter's base, in full precision: ``base``, else the training config's model,
     else the adapter's ``base_model_name_or_path``.

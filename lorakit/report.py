@@ -101,7 +101,8 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
         ("model", f"{_e(cfg.model.name_or_path)} ({type(model).__name__})"
                   + (f", {quant.bits}-bit {quant.quant_type}" if quant else
                      f", {str(model.get_input_embeddings().weight.dtype).removeprefix('torch.')}"
-                     + (" (dtype auto)" if cfg.model.dtype == "auto" else ""))),
+                     + (" (dtype auto)" if cfg.model.dtype == "auto" else ""))
+                  + (", decoder compiled (torch.compile)" if t.compile else "")),
         ("adapted layers", f"{n_adapted} (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, "
                            f"targets={_e(cfg.lora.target_modules)}"
                            + (f", init {cfg.lora.init}" if cfg.lora.init != "kaiming" else "")

@@ -332,20 +332,24 @@ def e2e_child(lib: str, seed: int, steps: int) -> None:
             overrides.append("model.dtype=float32")
         if lib.endswith("-dora"):
             overrides.append("lora.use_dora=true")
+        if lib.endswith("-compiled"):
+            overrides.append("training.compile=true")
         cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
         if lib.startswith("lorakit"):
             from lorakit.train import train
 
             history = train(cfg).history
             steps_rows = [r for r in history if "tokens" in r]
+            later = steps_rows[1:]  # the first step also pays for compiling, when there is any
             result = {"tokens_per_s": sum(r["tokens"] for r in steps_rows) / sum(r["seconds"] for r in steps_rows),
+                      "tokens_per_s_after_first": sum(r["tokens"] for r in later) / sum(r["seconds"] for r in later),
+                      "first_step_s": steps_rows[0]["seconds"],
                       "val_loss": [r["val_loss"] for r in history if "val_loss" in r][-1]}
         else:
             from peft_trainer_baseline import run_baseline
 
             result = run_baseline(cfg)
-    print(json.dumps({"tokens_per_s": result["tokens_per_s"], "val_loss": result["val_loss"],
-                      "peak_mb": peak_bytes() / 2**20}))
+    print(json.dumps({**result, "peak_mb": peak_bytes() / 2**20}))
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, iters: int = 10) -> float:
@@ -434,6 +438,23 @@ def dora_end_to_end(steps: int) -> list[dict]:
              "spread": None}]
 
 
+def compile_end_to_end(steps: int) -> list[dict]:
+    """The quickstart with ``training.compile: true`` against the same run eager, one run
+    each in a fresh process: tokens/s after the first step (which pays for compiling, its
+    seconds reported apart) and the validation loss."""
+    runs = {}
+    for lib in ("lorakit-compiled", "lorakit"):
+        out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, "0", str(steps)],
+                             capture_output=True, text=True, check=True)
+        runs[lib] = json.loads(out.stdout.strip().splitlines()[-1])
+    compiled, eager = runs["lorakit-compiled"], runs["lorakit"]
+    return [{"model": "SmolLM2", "what": f"compiled / eager, quickstart, steps 2-{steps}: tokens/s",
+             "a_s": compiled["tokens_per_s_after_first"], "b_s": eager["tokens_per_s_after_first"],
+             "ratio": compiled["tokens_per_s_after_first"] / eager["tokens_per_s_after_first"], "spread": None,
+             "lorakit_val_loss": compiled["val_loss"], "peft_val_loss": eager["val_loss"],
+             "first_step_s": [compiled["first_step_s"], eager["first_step_s"]]}]
+
+
 def show(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -453,6 +474,8 @@ def show(rows: list[dict]) -> None:
             notes.append("per process " + " / ".join(f"{x:.2f}" for x in r["per_process"]))
         if "lorakit_val_loss" in r:
             notes.append(f"mean val loss {r['lorakit_val_loss']:.4f} vs {r['peft_val_loss']:.4f}")
+        if "first_step_s" in r:
+            notes.append("first step {:.0f} s vs {:.0f} s".format(*r["first_step_s"]))
         if "lorakit_mfu" in r:
             notes.append(f"MFU {r['lorakit_mfu']:.1%} vs {r['peft_mfu']:.1%}")
         if "float32_mfu" in r:
@@ -474,6 +497,8 @@ def main() -> None:
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end rows")
     parser.add_argument("--dora-steps", type=int, default=10, help="steps of the DoRA end-to-end rows (0: skip)")
     parser.add_argument("--dora-only", action="store_true", help="only the DoRA end-to-end rows")
+    parser.add_argument("--compile-steps", type=int, default=10, help="steps of the compiled/eager rows (0: skip)")
+    parser.add_argument("--compile-only", action="store_true", help="only the compiled/eager rows")
     parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
@@ -485,8 +510,10 @@ def main() -> None:
         lib, seed, steps = args.e2e_child
         return e2e_child(lib, int(seed), int(steps))
     reps, iters = (3, 1) if args.quick else (5, 2)
-    if args.e2e_only or args.dora_only:
-        rows = dora_end_to_end(args.dora_steps) if args.dora_only else end_to_end(args.e2e_steps, args.e2e_seeds)
+    if args.e2e_only or args.dora_only or args.compile_only:
+        rows = (dora_end_to_end(args.dora_steps) if args.dora_only else
+                compile_end_to_end(args.compile_steps) if args.compile_only else
+                end_to_end(args.e2e_steps, args.e2e_seeds))
         show(rows)
         Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
                                                  "threads": torch.get_num_threads(), "rows": rows}, indent=2))
@@ -498,6 +525,8 @@ def main() -> None:
             rows += end_to_end(args.e2e_steps, args.e2e_seeds)
         if args.dora_steps:
             rows += dora_end_to_end(args.dora_steps)
+        if args.compile_steps:
+            rows += compile_end_to_end(args.compile_steps)
     show(rows)
     Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
                                              "threads": torch.get_num_threads(), "rows": rows}, indent=2))
