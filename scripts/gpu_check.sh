@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for one CUDA GPU, in under 8 minutes: bf16 LoRA training, QLoRA on
-# bitsandbytes' CUDA kernels, merge, eval, and the benchmark's end-to-end rows; then one
+# bitsandbytes' CUDA kernels, merge, eval, and the benchmark's end-to-end and compiled rows; then one
 # summary. Needs a CUDA build of torch already installed (it installs lorakit itself).
 #     scripts/gpu_check.sh [OUTPUT_DIR]        (make gpu-check)
 set -euo pipefail
@@ -19,6 +19,7 @@ $LK merge "$OUT_DIR/qlora/adapter" --output "$OUT_DIR/qlora-merged" --force | te
 $LK eval "$OUT_DIR/lora/adapter" --metric rouge --limit 60 --max-new-tokens 32 --compare-base \
     --output "$OUT_DIR/eval" | tee "$OUT_DIR/eval.log"
 $PY scripts/bench.py --e2e-only --e2e-seeds 1 --output "$OUT_DIR/bench.json" | tee "$OUT_DIR/bench.log"
+$PY scripts/bench.py --compile-only --output "$OUT_DIR/bench-compile.json" | tee -a "$OUT_DIR/bench.log"
 $PY - "$OUT_DIR" <<'PY'
 import json, sys, torch
 from pathlib import Path
@@ -33,6 +34,6 @@ for name in ("lora", "qlora"):
     print(f"  {name:6s} quickstart: {speed:,.0f} real tokens/s, validation loss {loss:.4f}")
 scores = json.loads((out / "eval" / "metrics.json").read_text())
 print(f"  eval: ROUGE-1 {scores['base']['rouge1']:.4f} -> {scores['model']['rouge1']:.4f}")
-for row in json.loads((out / "bench.json").read_text())["rows"]:
+for row in [r for name in ("bench.json", "bench-compile.json") for r in json.loads((out / name).read_text())["rows"]]:
     print(f"  bench: {row['what']}: {row['a_s']:.4g} vs {row['b_s']:.4g} = {row['ratio']:.2f}")
 PY
