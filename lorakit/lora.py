@@ -248,7 +248,7 @@ class LoRALinear(nn.Module):
         grad = torch.is_grad_enabled()
         # Under torch.compile the compiler schedules the sibling matmuls itself, and the
         # shared round's Python bookkeeping (tensor identity, versions) would break its graph.
-        if self.shared_input is not None and grad and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.shared_input is not None and grad:
             a = self.shared_input.down(self, x)
         else:
             a_in = rows

@@ -102,7 +102,7 @@ def startup_table(cfg, model, n_adapted: int, trainable: int, total: int, n_trai
                   + (f", {quant.bits}-bit {quant.quant_type}" if quant else
                      f", {str(model.get_input_embeddings().weight.dtype).removeprefix('torch.')}"
                      + (" (dtype auto)" if cfg.model.dtype == "auto" else ""))
-                  + (", decoder compiled (torch.compile)" if t.compile else "")),
+                  + (", blocks compiled (torch.compile)" if t.compile else "")),
         ("adapted layers", f"{n_adapted} (r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, "
                            f"targets={_e(cfg.lora.target_modules)}"
                            + (f", init {cfg.lora.init}" if cfg.lora.init != "kaiming" else "")

@@ -254,7 +254,7 @@ def test_eight_bit_base_trains_and_refuses_in_place_merge(tiny_model_dir, tmp_pa
         merge_lora(model)
 
 
-def test_compiled_run_matches_the_eager_run_in_one_graph(tiny_model_dir, tmp_path):
+def test_compiled_run_matches_the_eager_run(tiny_model_dir, tmp_path):
     from torch._dynamo.utils import counters
 
     raw = tiny_config(tmp_path, tiny_model_dir, max_steps=3)
@@ -263,7 +263,9 @@ def test_compiled_run_matches_the_eager_run_in_one_graph(tiny_model_dir, tmp_pat
     raw["training"].update(compile=True, output_dir=str(tmp_path / "compiled"))
     counters.clear()
     compiled = _run(raw)
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # it compiled, unbroken
+    # It compiled, without a graph break, and the blocks share their graphs (a block's input
+    # with and without gradient, at a static and then a dynamic length) instead of one each.
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4 and not counters["graph_break"]
     losses = [[r["loss"] for r in result.history if "loss" in r] for result in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     first, second = _adapter(tmp_path / "run"), _adapter(tmp_path / "compiled")
