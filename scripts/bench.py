@@ -376,6 +376,13 @@ def train_flops_per_token() -> float:
     return 4 * blocks
 
 
+def e2e_run(lib: str, seed: int, steps: int) -> dict:
+    """One ``e2e_child`` run in a fresh process (so that its peak memory is its own)."""
+    out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, str(seed), str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def end_to_end(steps: int, seeds: int) -> list[dict]:
     """The quickstart config, lorakit train against PEFT + transformers.Trainer at its best (same
     compute dtype, batches grouped by length), and lorakit in float32 for the dtype's share;
@@ -392,9 +399,7 @@ def end_to_end(steps: int, seeds: int) -> list[dict]:
     runs: dict[str, list[dict]] = {lib: [] for lib in libs}
     for seed in range(seeds):
         for lib in libs if seed % 2 == 0 else libs[::-1]:
-            out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, str(seed), str(steps)],
-                                 capture_output=True, text=True, check=True)
-            runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[lib].append(e2e_run(lib, seed, steps))
     lk, pf, f32 = ({k: [r[k] for r in runs[lib]] for k in runs[lib][0]} for lib in libs)
 
     def mfu(tokens_per_s: float, peak: float) -> float:
@@ -423,11 +428,7 @@ def end_to_end(steps: int, seeds: int) -> list[dict]:
 def dora_end_to_end(steps: int) -> list[dict]:
     """The quickstart with DoRA (``lora.use_dora``), lorakit against PEFT's DoRA + Trainer,
     one run each in a fresh process: tokens/s and peak memory."""
-    runs = {}
-    for lib in ("lorakit-dora", "peft-dora"):
-        out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, "0", str(steps)],
-                             capture_output=True, text=True, check=True)
-        runs[lib] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = {lib: e2e_run(lib, 0, steps) for lib in ("lorakit-dora", "peft-dora")}
     mine, theirs = runs["lorakit-dora"], runs["peft-dora"]
     return [{"model": "SmolLM2", "what": f"DoRA end to end quickstart, {steps} steps: tokens/s",
              "a_s": mine["tokens_per_s"], "b_s": theirs["tokens_per_s"],
@@ -442,11 +443,7 @@ def compile_end_to_end(steps: int) -> list[dict]:
     """The quickstart with ``training.compile: true`` against the same run eager, one run
     each in a fresh process: tokens/s after the first step (which pays for compiling, its
     seconds reported apart) and the validation loss."""
-    runs = {}
-    for lib in ("lorakit-compiled", "lorakit"):
-        out = subprocess.run([sys.executable, __file__, "--e2e-child", lib, "0", str(steps)],
-                             capture_output=True, text=True, check=True)
-        runs[lib] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = {lib: e2e_run(lib, 0, steps) for lib in ("lorakit-compiled", "lorakit")}
     compiled, eager = runs["lorakit-compiled"], runs["lorakit"]
     return [{"model": "SmolLM2", "what": f"compiled / eager, quickstart, steps 2-{steps}: tokens/s",
              "a_s": compiled["tokens_per_s_after_first"], "b_s": eager["tokens_per_s_after_first"],
