@@ -216,8 +216,8 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def compile_decoder(model: PreTrainedModel) -> int:
-    """``torch.compile`` each transformer block in place; returns how many.
+def compile_blocks(model: PreTrainedModel) -> None:
+    """``torch.compile`` each transformer block in place.
 
     Blocks of one class share their compiled code, so compiling costs a few graphs of
     one block (the first block's input needs no gradient, the others' do; the first
@@ -236,7 +236,6 @@ def compile_decoder(model: PreTrainedModel) -> int:
                              "(_no_split_modules), so lorakit cannot compile it block by block; set compile: false")
     for block in blocks:
         block.compile(dynamic=True)
-    return len(blocks)
 
 
 def adapter_base_config(adapter_dir: Path, base: str | None = None, trust_remote_code: bool = False) -> ModelConfig:

@@ -42,7 +42,7 @@ from lorakit.files import atomic_directory
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss, evaluate_loss
-from lorakit.model import DTYPE_NAMES, compile_decoder, load_model, load_tokenizer, resolve_dtype
+from lorakit.model import DTYPE_NAMES, compile_blocks, load_model, load_tokenizer, resolve_dtype
 from lorakit.pairs import build_pairs, collate_pairs, pair_length, pair_tokens, precompute_reference
 from lorakit.preference import STATS, PreferenceLoss, evaluate_pairs, summarize
 from lorakit.preflight import preflight
@@ -242,7 +242,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     else:
         add_lora(model, cfg.lora)
     if t.compile:
-        compile_decoder(model)
+        compile_blocks(model)
     optimizer = _build_optimizer(model, t)
     n_steps = total_steps(t, epoch_steps(len(train_set), t, world))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)

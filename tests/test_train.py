@@ -274,3 +274,14 @@ def test_compiled_run_matches_the_eager_run(tiny_model_dir, tmp_path):
     # few elements; the factors are ~0.1 in size.
     assert all(torch.allclose(first[k], second[k], atol=1e-4) for k in first)
     assert any(v.abs().sum() > 0 for k, v in second.items() if "lora_B" in k)
+
+
+def test_compile_refuses_a_model_without_named_blocks(tiny_model_dir):
+    from lorakit.config import ModelConfig
+    from lorakit.errors import ModelLoadError
+    from lorakit.model import compile_blocks, load_model
+
+    model = load_model(ModelConfig(name_or_path=tiny_model_dir))
+    model._no_split_modules = None
+    with pytest.raises(ModelLoadError, match="training.compile: .*_no_split_modules"):
+        compile_blocks(model)
