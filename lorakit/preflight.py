@@ -38,6 +38,9 @@ def preflight(cfg: Config) -> None:
         problems.append("training.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw or adamw_8bit here")
     if cfg.training.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    if cfg.training.compile and cfg.model.quantization is not None and not torch.cuda.is_available():
+        problems.append("training.compile: bitsandbytes' quantized CPU kernels fail under torch.compile; "
+                        "set compile: false, or drop model.quantization")
     try:
         tree = skeleton(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except ModelLoadError as e:

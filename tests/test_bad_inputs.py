@@ -323,6 +323,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                                    ["data.chat_template", "has none"]),
     "config fp16 on cpu": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(mixed_precision="fp16"))], 2, ["fp16 needs a CUDA GPU"]),
+    "config compile with a 4-bit base on cpu": lambda c: Case(["train", c.config(
+        lambda r: (r["training"].update(compile=True), r["model"].update(quantization={"bits": 4})))], 2,
+        ["training.compile", "quantized CPU kernels"]),
     "set without equals": lambda c: Case(["train", c.config(), "--set", "lora.r"], 2, ["expected KEY=VALUE"]),
     "set invalid yaml": lambda c: Case(["train", c.config(), "--set", "lora.r=[1"], 2, ["not valid YAML"]),
     "set through a value": lambda c: Case(["train", c.config(), "--set", "lora.r.x=1"], 2, ["not a section"]),
