@@ -111,8 +111,8 @@ def byte_tokenizer():
     return tok
 
 
-def save_tiny_model(path, arch: str = "llama", hidden: int = 64) -> str:
-    """A tiny random ``arch`` model and the byte tokenizer, saved as a local checkpoint."""
+def save_tiny_model(path, hidden: int = 64) -> str:
+    """A tiny random Llama and the byte tokenizer, saved as a local checkpoint."""
     tok = byte_tokenizer()
     torch.manual_seed(0)
     cfg = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
