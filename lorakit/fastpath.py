@@ -5,7 +5,8 @@
   upgrade move them, every layer simply takes the module call.
 - ``SharedInput``: sibling projections (q/k/v, gate/up) share one dropout mask and one
   matmul against their stacked A factors while training.
-- ``dropout``: the adapter's input dropout with a cheaper random mask on the CPU.
+- ``dropout`` and ``dropped_down``: the adapter's input dropout with a cheaper random mask
+  on the CPU, redrawn from its seed in backward instead of kept.
 - bitsandbytes 4-bit weights: detection, dequantization, and undoing the CPU repacking.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,12 +85,13 @@ class SharedInput:
         """``layer``'s ``A·dropout(x)`` as a ``(rows, r)`` matrix, rows being ``x``'s leading dims flattened."""
         if x is not self._input or x._version != self._version or id(layer) not in self._parts:
             weights = [m._modules["lora_A"]._parameters["weight"] for m in self.layers]
+            rows = x.reshape(-1, x.shape[-1])
+            A = torch.cat(weights).to(x.dtype)
             if layer.dropout and layer.training:
-                x_in = dropout(x, layer.dropout)
+                projected = dropped_down(rows, A, layer.dropout)
             else:
-                x_in = x
-            x_in = x_in.reshape(-1, x_in.shape[-1])
-            parts = F.linear(x_in, torch.cat(weights).to(x_in.dtype)).split([w.shape[0] for w in weights], -1)
+                projected = F.linear(rows, A)
+            parts = projected.split([w.shape[0] for w in weights], -1)
             self._input, self._version = x, x._version
             self._parts = {id(m): part for m, part in zip(self.layers, parts)}
         part = self._parts.pop(id(layer))
@@ -97,17 +100,79 @@ class SharedInput:
         return part
 
 
-def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout, as ``F.dropout(x, p, training=True)`` computes it.
+def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """A CPU keep-mask of ones and zeros in ``like``'s shape and dtype, for dropout at rate
+    ``p``; the same for the same ``seed``.
 
-    On the CPU the keep-mask comes from 31-bit integer draws compared with ``p·2³¹``:
-    about twice as fast as the float Bernoulli draws of ``F.dropout`` (the random number
-    generator is most of dropout's cost there), and ``p`` is honoured to 2⁻³¹.
+    32-bit draws from numpy's SFC64 (3× torch's CPU generator here, the random numbers
+    being most of dropout's cost) compared with ``p·2³²``: ``p`` is honoured to 2⁻³³. The
+    comparison writes ``like``'s dtype directly: a bool mask would be converted at every use.
     """
-    if x.device.type != "cpu" or p >= 1 or torch.compiler.is_compiling():  # compiled: the compiler's own RNG
+    n = like.numel()
+    draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
+    return torch.ge(draws.view(like.shape), round(p * 2**32) - 2**31,
+                    out=torch.empty(like.shape, dtype=like.dtype))
+
+
+def _new_seed() -> int:
+    """A mask seed from torch's generator, so ``torch.manual_seed`` (and a resumed run's
+    restored RNG state) fixes every mask."""
+    return int(torch.randint(0, 2**63 - 1, ()))
+
+
+def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
+    # Elsewhere, and under the compiler (which has its own RNG), F.dropout is as fast.
+    return x.device.type == "cpu" and p < 1 and not torch.compiler.is_compiling()
+
+
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout that keeps only its mask's seed for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.seed, ctx.p = _new_seed(), p
+        return x * _keep_mask(x, p, ctx.seed) * (1 / (1 - p))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * _keep_mask(grad, ctx.p, ctx.seed) * (1 / (1 - ctx.p)), None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout, as ``F.dropout(x, p, training=True)`` computes it."""
+    if not _on_cpu_eagerly(x, p):
         return F.dropout(x, p, training=True)
-    draws = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2³¹)
-    return x * (draws >= round(p * 2**31)) * (1 / (1 - p))
+    return _Dropout.apply(x, p)
+
+
+class _DroppedDown(torch.autograd.Function):
+    """``dropout(x)·Aᵀ`` that keeps ``x`` and the mask's seed for backward, not the dropped
+    input and its mask: one byte less per input element held through the step (a quarter
+    of a gigabyte on the quickstart), for drawing each mask twice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+        seed = _new_seed()
+        scaled = A * (1 / (1 - p))  # the inverted-dropout scale on the r×d_in factor, not on x
+        ctx.save_for_backward(x, scaled)
+        ctx.seed, ctx.p = seed, p
+        return F.linear(x * _keep_mask(x, p, seed), scaled)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, scaled = ctx.saved_tensors
+        keep = _keep_mask(x, ctx.p, ctx.seed)
+        grad_x = (grad @ scaled) * keep if ctx.needs_input_grad[0] else None
+        grad_A = (grad * (1 / (1 - ctx.p))).t() @ (x * keep) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_A, None
+
+
+def dropped_down(x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(x, p)·Aᵀ`` for a 2-D ``x`` and an ``A`` of its dtype: the adapter's
+    down-projection while training."""
+    if not _on_cpu_eagerly(x, p):
+        return F.linear(F.dropout(x, p, training=True), A)
+    return _DroppedDown.apply(x, A, p)
 
 
 def is_bare_linear(layer: nn.Module) -> bool:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, dequantized_weight, dropout, is_4bit, is_bare_linear, unpack_cpu_4bit
+from lorakit.fastpath import SharedInput, add_update, base_rows, dense_linear, dequantized_weight, dropout, dropped_down, is_4bit, is_bare_linear, unpack_cpu_4bit
 
 
 # Initialisations computed from the base weight (besides ``pissa_niter_N``).
@@ -251,11 +251,11 @@ class LoRALinear(nn.Module):
         if not torch.compiler.is_compiling() and self.shared_input is not None and grad:
             a = self.shared_input.down(self, x)
         else:
-            a_in = rows
+            A = modules["lora_A"]._parameters["weight"].to(rows.dtype)
             if self.dropout and self.training:
-                a_in = dropout(a_in, self.dropout)
-            A = modules["lora_A"]._parameters["weight"]
-            a = F.linear(a_in, A.to(a_in.dtype))  # (rows, r)
+                a = dropped_down(rows, A, self.dropout)  # (rows, r)
+            else:
+                a = F.linear(rows, A)
         result = base_rows(base, bare, x, rows)
         B = modules["lora_B"]._parameters["weight"].to(a.dtype)
         if self.sliced:

@@ -164,12 +164,12 @@ def test_conv1d_fan_in_fan_out():
 
 
 def test_dropout_zero_never_calls_dropout(monkeypatch):
-    import lorakit.lora
+    import lorakit.fastpath
 
     def boom(*a, **k):
         raise AssertionError("dropout called")
 
-    monkeypatch.setattr(lorakit.lora, "dropout", boom)
+    monkeypatch.setattr(lorakit.fastpath, "_keep_mask", boom)
     layer = _layer(dropout=0.0).train()
     layer(torch.randn(2, 16))  # no call
     with pytest.raises(AssertionError, match="dropout called"):
@@ -226,3 +226,40 @@ def test_dropout_is_inverted_dropout_at_rate_p(p, dtype):
     out.float().sum().backward()
     assert torch.equal(x.grad != 0, kept)  # gradient flows through the same mask
     assert not torch.equal(dropout(x, p), dropout(x, p))  # a new mask each call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropped_down_is_dropout_then_down_projection(dtype):
+    """Forward and both gradients equal ``dropout(x)·Aᵀ`` through autograd with the same mask."""
+    from lorakit.fastpath import dropout, dropped_down
+
+    x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
+    A = torch.randn(6, 48, dtype=dtype, requires_grad=True)
+    grad = torch.randn(64, 6, dtype=dtype)
+    torch.manual_seed(3)
+    out = dropped_down(x, A, 0.3)
+    out.backward(grad)
+    got = (out.detach(), x.grad.clone(), A.grad.clone())
+    x.grad = A.grad = None
+    torch.manual_seed(3)  # the same seed draws the same mask
+    expected = dropout(x, 0.3) @ A.t()
+    expected.backward(grad)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for a, b in zip(got, (expected.detach(), x.grad, A.grad)):
+        torch.testing.assert_close(a, b, **tol)
+    assert 0 < (x.grad == 0).float().mean() < 0.6  # dropped inputs get no gradient
+
+
+def test_dropout_keeps_no_mask_for_backward():
+    """Masks are redrawn from their seed in backward: dropout holds nothing, and the adapter's
+    down-projection holds x and its r×d_in factor, not a dropped copy of x and its mask."""
+    from lorakit.fastpath import dropout, dropped_down
+
+    x = torch.randn(256, 64, requires_grad=True)
+    A = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropout(x, 0.1)
+        assert saved == []
+        dropped_down(x, A, 0.1)
+    assert sum(t.numel() for t in saved) == x.numel() + A.numel()
