@@ -104,14 +104,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     outputs: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = batch.to(model.device)
-        new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        outputs.update(zip(chunk, texts))
+    # The first step feeds the head the last position's slice of the hidden states, a
+    # non-contiguous 3-D tensor; torch's CPU linear then copies the head's weight once per
+    # row (SmolLM2 in bfloat16: 0.6 s per batch instead of 9 ms), so the head gets a copy.
+    contiguous = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _, args: (args[0].contiguous(), *args[1:]), prepend=True)
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(model.device)
+            new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs.update(zip(chunk, texts))
+    finally:
+        contiguous.remove()
     return [outputs[i].strip() for i in range(len(prompts))]
 
 
