@@ -203,6 +203,30 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_model_dir):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tiny_model_dir):
+    """The recomputed forward redraws the same dropout masks (their seeds come from torch's
+    RNG, which checkpointing restores), so checkpointing changes memory, not gradients."""
+    from lorakit import LoraConfig, add_lora
+    from lorakit.config import ModelConfig
+    from lorakit.inject import lora_modules
+    from lorakit.model import load_model
+
+    ids = torch.randint(3, 200, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=checkpointing))
+        torch.manual_seed(0)
+        add_lora(model, LoraConfig(dropout=0.3, target_modules="all-linear")).train()
+        for module in lora_modules(model).values():
+            torch.nn.init.normal_(module.lora_B.weight, std=0.1)
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_tensorboard_mirror_when_installed(tiny_model_dir, tmp_path):
     pytest.importorskip("tensorboard")
     _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2))
