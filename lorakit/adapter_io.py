@@ -30,6 +30,7 @@ from torch import nn
 from lorakit.config import Config, LoraConfig
 from lorakit.errors import LoraError
 from lorakit.files import atomic_file
+from lorakit.inputs import DuplicateKey, strict_json
 from lorakit.inject import Target, add_lora, is_extra, lora_modules, plan_injection
 from lorakit.fastpath import is_4bit
 from lorakit.lora import LoRALinear
@@ -138,19 +139,6 @@ def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
         raise LoraError(f"{source}: invalid values:\n  - " + "\n  - ".join(lines)) from None
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
 @dataclass
 class Adapter:
     """An adapter directory, read and checked: its config and its tensors under PEFT's keys."""
@@ -186,10 +174,10 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, str |
     if file.stat().st_size > 10_000_000:
         raise LoraError(f"{file}: {file.stat().st_size:,} bytes; an adapter config is a few kilobytes")
     try:
-        peft = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        peft = strict_json(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoraError(f"{file}: not valid JSON ({e})") from None
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise LoraError(f"{file}: the key {e.args[0]!r} is given twice; tools disagree on which one counts") from None
     config = config_from_peft(peft, str(file))
     return config, peft.get("base_model_name_or_path") or None

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import DataConfig, TrainingConfig
-from lorakit.inputs import looks_local, template_fields
+from lorakit.inputs import DuplicateKey, looks_local, strict_json, strict_json_array, template_fields
 from lorakit.errors import DataError
 
 logger = logging.getLogger("lorakit")
@@ -60,22 +60,28 @@ def _decode(data: bytes, source: str) -> str:
 
 def _json_rows(text: str, source: str, lines_only: bool) -> Rows:
     stripped = text.lstrip()
-    if not lines_only and stripped.startswith("["):  # one JSON array of objects
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source}, line {e.lineno}: not valid JSON ({e.msg})") from None
-        where = [f"{source}, row {i + 1}" for i in range(len(rows))]
-    else:  # JSON Lines
-        rows, where = [], []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
-            where.append(f"{source}, line {number}")
+    try:
+        if not lines_only and stripped.startswith("["):  # one JSON array of objects
+            items = strict_json_array(text)
+            rows = [row for row, _ in items]
+            where = [f"{source}, row {i + 1} (line {line})" for i, (_, line) in enumerate(items)]
+        else:  # JSON Lines
+            rows, where = [], []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(strict_json(line))
+                except DuplicateKey as e:
+                    raise DuplicateKey(e.args[0], number) from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{source}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+                where.append(f"{source}, line {number}")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except DuplicateKey as e:
+        raise DataError(f"{source}, line {e.args[1]}: the field {e.args[0]!r} is given twice in one object; "
+                        "JSON readers disagree on which value counts") from None
     for row, at in zip(rows, where):
         if not isinstance(row, dict):
             raise DataError(f"{at}: expected a JSON object with named fields, got {type(row).__name__}")
@@ -87,19 +93,29 @@ def _csv_rows(text: str, source: str) -> Rows:
     import io
 
     try:
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
     except csv.Error as e:
         raise DataError(f"{source}: not valid CSV ({e})") from None
+    header = reader.fieldnames or []
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{source}: the header names the column {repeated[0]!r} twice; only one would be read")
     # Counted in rows, not lines: a quoted field may span several lines.
-    return Rows([{k: v for k, v in row.items() if k is not None} for row in rows],
-                [f"{source}, row {i + 1}" for i in range(len(rows))])
+    where = [f"{source}, row {i + 1}" for i in range(len(rows))]
+    for row, at in zip(rows, where):
+        if None in row or None in row.values():  # csv's marks for extra values and missing ones
+            count = len(header) + len(row.get(None, ())) - sum(v is None for v in row.values())
+            raise DataError(f"{at}: {count} fields where the header has {len(header)} "
+                            "(a comma inside a field needs the field in double quotes)")
+    return Rows(rows, where)
 
 
 def _parquet_rows(path: Path, source: str) -> Rows:
     try:
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()  # pyarrow itself refuses a column named twice
     except Exception as e:  # noqa: BLE001 — pyarrow raises many kinds for a damaged file
         raise DataError(f"{source}: not a readable parquet file ({type(e).__name__}: {e})") from None
     return Rows(rows, [f"{source}, row {i + 1}" for i in range(len(rows))])

@@ -3,6 +3,7 @@ templates and paths. Imports nothing heavy, like the config schema that uses the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -126,3 +127,57 @@ def missing_path(name: str) -> str | None:
     if name and looks_local(name) and not Path(name).expanduser().exists():
         return f"no such file or directory: {name!r} (from {os.getcwd()})"
     return None
+
+
+class DuplicateKey(ValueError):
+    """A JSON object that gives one key twice (``args[0]`` is the key)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+# JSON allows an object to repeat a key and parsers differ on which value counts (Python's
+# keeps the last): an input that says two things is refused instead.
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def strict_json(text: str) -> object:
+    """``json.loads`` that raises ``DuplicateKey`` for an object giving a key twice."""
+    return _STRICT.decode(text)
+
+
+def strict_json_array(text: str) -> list[tuple[object, int]]:
+    """The items of a JSON array, each with the 1-based line it starts on.
+
+    Raises:
+        json.JSONDecodeError: malformed JSON, with its position.
+        DuplicateKey: an object giving a key twice, with the line of its item in ``args[1]``.
+    """
+    ws = re.compile(r"\s*")
+    items: list[tuple[object, int]] = []
+    at = ws.match(text).end()
+    if text[at : at + 1] != "[":
+        raise json.JSONDecodeError("expected '['", text, at)
+    at = ws.match(text, at + 1).end()
+    if text[at : at + 1] == "]":
+        at += 1
+    while text[at - 1 : at] != "]":
+        line = text.count("\n", 0, at) + 1
+        try:
+            item, at = _STRICT.raw_decode(text, at)
+        except DuplicateKey as e:
+            raise DuplicateKey(e.args[0], line) from None
+        items.append((item, line))
+        at = ws.match(text, at).end()
+        if text[at : at + 1] not in (",", "]"):
+            raise json.JSONDecodeError("expected ',' or ']' after an array item", text, at)
+        at = ws.match(text, at + 1).end() if text[at] == "," else at + 1
+    if text[ws.match(text, at).end():]:
+        raise json.JSONDecodeError("extra data after the array", text, ws.match(text, at).end())
+    return items

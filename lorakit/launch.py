@@ -45,14 +45,11 @@ def read_launch_config(path: str) -> dict:
     """
     import importlib.util
 
-    import yaml
+    from lorakit.config import read_yaml
 
-    try:
-        settings = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise LaunchError(f"--accelerate-config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise LaunchError(f"--accelerate-config {path}: not valid YAML ({e})") from e
+    if not Path(path).exists():
+        raise LaunchError(f"--accelerate-config {path}: no such file")
+    settings = read_yaml(path, f"--accelerate-config {path}")  # strict: a key given twice is refused
     if not isinstance(settings, dict) or "distributed_type" not in settings:
         raise LaunchError(f"--accelerate-config {path}: not an Accelerate config (no distributed_type); "
                           "see configs/accelerate/")

@@ -171,6 +171,15 @@ def _no_chat_template(c: Ctx) -> str:
     return c.config(lambda r: (r["model"].update(name_or_path=str(plain)), r["data"].update(chat_template=True)))
 
 
+def _parquet_twice(c: Ctx) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = c.root / "d.parquet"
+    pq.write_table(pa.table([["1+1="], ["2"], ["3"]], names=["question", "answer", "answer"]), path)
+    return c.config(lambda raw: raw["data"].update(train=str(path), validation=None))
+
+
 def _nan(c: Ctx) -> str:
     key = c.first("lora_B.weight")
     return c.tensors(lambda s: s.__setitem__(key, s[key] * float("nan")))
@@ -332,6 +341,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "set unknown key": lambda c: Case(["config", "show", c.config(), "--set", "lora.rank=4"], 2, ["lora.rank"]),
     "accelerate config missing": lambda c: Case(["train", c.config(), "--accelerate-config", "nope.yaml"], 2,
                                                 ["nope.yaml"]),
+    "accelerate config key twice": lambda c: Case(["train", c.config(), "--accelerate-config", c.data(
+        "distributed_type: MULTI_CPU\nnum_processes: 2\nnum_processes: 1\n", "acc.yaml")], 2,
+        ["--accelerate-config", "acc.yaml", "num_processes"]),
     "too many processes": lambda c: Case(["train", c.config(), "--num-processes", "999"], 2, ["CPU core(s)"]),
     "earlier run without resume": lambda c: (
         (c.root / "run" / "adapter").mkdir(parents=True),
@@ -366,6 +378,23 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                            ["d.csv", "no rows"]),
     "data csv missing column": lambda c: Case(["data", "preview", c.with_data("question\n1+1=\n", "d.csv")], 2,
                                               ["d.csv, row 1", "no field 'answer'"]),
+    "data jsonl key twice": lambda c: Case(["data", "preview", c.with_data(
+        '{"question": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4", "answer": "5"}\n')], 2,
+        ["d.jsonl, line 2", "'answer' is given twice"]),
+    "data json array key twice": lambda c: Case(["data", "preview", c.with_data(
+        '[{"question": "a", "answer": "b"},\n {"question": "c",\n  "question": "d", "answer": "e"}]', "d.json")], 2,
+        ["d.json, line 2", "'question' is given twice"]),
+    "data json key twice in messages": lambda c: Case(["data", "preview", c.with_data(
+        '{"messages": [{"role": "user", "content": "hi", "content": "bye"}]}\n', format="chat")], 2,
+        ["d.jsonl, line 1", "'content' is given twice"]),
+    "data csv unquoted comma": lambda c: Case(["data", "preview", c.with_data(
+        "question,answer\n1+1=,2\nadd 2, then 2,4\n", "d.csv")], 2, ["d.csv, row 2", "3 fields", "header has 2"]),
+    "data csv short row": lambda c: Case(["data", "preview", c.with_data(
+        "question,answer,note\n1+1=,2,x\n2+2=,4\n", "d.csv")], 2, ["d.csv, row 2", "2 fields", "header has 3"]),
+    "data csv column twice": lambda c: Case(["data", "preview", c.with_data(
+        "question,answer,answer\n1+1=,2,3\n", "d.csv")], 2, ["d.csv", "'answer' twice"]),
+    "data parquet column twice": lambda c: Case(["data", "preview", _parquet_twice(c)], 2,
+                                                ["d.parquet", "Multiple matches", "answer"]),
     "data parquet garbage": lambda c: Case(["data", "preview", c.with_data(b"not parquet at all", "d.parquet")], 2,
                                            ["d.parquet", "parquet"]),
     "data unknown extension": lambda c: Case(["data", "preview", c.with_data("x", "d.txt")], 2,
