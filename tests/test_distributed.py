@@ -136,10 +136,10 @@ def test_launch_config_errors_are_clear_and_early(tmp_path, monkeypatch):
         return CliRunner().invoke(app, ["train", config, "--accelerate-config", str(accelerate_config)])
 
     missing = run(tmp_path / "nope.yaml")
-    assert missing.exit_code == 2 and "nope.yaml" in missing.output and "No such file" in missing.output
+    assert missing.exit_code == 2 and "nope.yaml: no such file" in missing.output
     (tmp_path / "broken.yaml").write_text("distributed_type: [FSDP\n")
     broken = run(tmp_path / "broken.yaml")
-    assert broken.exit_code == 2 and "broken.yaml: not valid YAML" in broken.output
+    assert broken.exit_code == 2 and "broken.yaml" in broken.output and "not valid YAML" in broken.output
     (tmp_path / "other.yaml").write_text("lora: {r: 8}\n")
     other = run(tmp_path / "other.yaml")
     assert other.exit_code == 2 and "not an Accelerate config" in other.output
