@@ -296,9 +296,9 @@ def parse_overrides(overrides: list[str], source: str = "--set") -> list[tuple[s
         if not sep or not key.strip():
             raise ConfigError(source, [f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4"])
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_value(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(source, [f"--set {key}: value {raw!r} is not valid YAML ({e})"]) from e
+            raise ConfigError(source, [f"--set {key}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})"]) from e
         parsed.append((key.strip(), value))
     return parsed
 
@@ -460,6 +460,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if isinstance(raw, dict):
             _set_dotted(raw, key, value, source)
     return validate_config(raw, source)
+
+
+def yaml_value(text: str) -> Any:
+    """One value written in YAML (a ``--set`` or ``--grid`` value), read as strictly as a config file."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 class _StrictLoader(yaml.SafeLoader):

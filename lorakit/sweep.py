@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from lorakit.config import ConfigError, load_config
+from lorakit.config import ConfigError, load_config, yaml_value
 from lorakit.files import atomic_file
 from lorakit.train import train
 
@@ -50,20 +50,24 @@ def parse_grid(grids: list[str]) -> list[tuple[str, list]]:
     """``["lora.r=4,8", "training.lr=2e-4,1e-3"]`` → ``[("lora.r", [4, 8]), ("training.lr", [2e-4, 1e-3])]``.
 
     Raises:
-        ConfigError: for an entry without ``=`` or without values.
+        ConfigError: for an entry without ``=``, without values, or with a value that is
+            not valid YAML (a key given twice included).
     """
     parsed = []
     for item in grids:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not _split_values(values):
             raise ConfigError("--grid", [f"--grid {item!r}: expected KEY=V1,V2,..., e.g. lora.r=4,8,16"])
-        parsed.append((key.strip(), [_value(v) for v in _split_values(values)]))
+        try:
+            parsed.append((key.strip(), [_value(v) for v in _split_values(values)]))
+        except yaml.YAMLError as e:
+            raise ConfigError("--grid", [f"--grid {item!r}: a value is not valid YAML ({getattr(e, 'problem', None) or e})"]) from None
     return parsed
 
 
 def _value(text: str):
     """YAML, except that ``2e-4`` is a number (YAML 1.1 wants ``2.0e-4``)."""
-    value = yaml.safe_load(text)
+    value = yaml_value(text)
     if isinstance(value, str):
         try:
             return float(value)

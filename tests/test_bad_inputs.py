@@ -344,6 +344,11 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "accelerate config key twice": lambda c: Case(["train", c.config(), "--accelerate-config", c.data(
         "distributed_type: MULTI_CPU\nnum_processes: 2\nnum_processes: 1\n", "acc.yaml")], 2,
         ["--accelerate-config", "acc.yaml", "num_processes"]),
+    "set value key twice": lambda c: Case(["config", "show", c.config(), "--set",
+                                           "model.quantization={bits: 4, bits: 8}"], 2, ["--set", "'bits' is given twice"]),
+    "grid value key twice": lambda c: Case(["sweep", c.config(), "--grid", "model.quantization={bits: 4, bits: 8}"], 2,
+                                           ["--grid", "'bits' is given twice"]),
+    "grid value broken": lambda c: Case(["sweep", c.config(), "--grid", "lora.r=[4"], 2, ["--grid", "not valid YAML"]),
     "too many processes": lambda c: Case(["train", c.config(), "--num-processes", "999"], 2, ["CPU core(s)"]),
     "earlier run without resume": lambda c: (
         (c.root / "run" / "adapter").mkdir(parents=True),
