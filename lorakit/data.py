@@ -71,7 +71,7 @@ def _json_rows(text: str, source: str, lines_only: bool) -> Rows:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(strict_json(line))
+                    rows.append(strict_json(line, numbers_as_text=True))
                 except DuplicateKey as e:
                     raise DuplicateKey(e.args[0], number) from None
                 except json.JSONDecodeError as e:

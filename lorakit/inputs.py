@@ -145,15 +145,20 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 # JSON allows an object to repeat a key and parsers differ on which value counts (Python's
 # keeps the last): an input that says two things is refused instead.
 _STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys)
+# Data rows are text to train on: a number keeps the digits the file wrote (1.10 stays
+# "1.10", 1e5 stays "1e5", no float rounding of long decimals).
+_STRICT_TEXT = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=str, parse_int=str, parse_constant=str)
 
 
-def strict_json(text: str) -> object:
-    """``json.loads`` that raises ``DuplicateKey`` for an object giving a key twice."""
-    return _STRICT.decode(text)
+def strict_json(text: str, numbers_as_text: bool = False) -> object:
+    """``json.loads`` that raises ``DuplicateKey`` for an object giving a key twice;
+    ``numbers_as_text`` keeps numbers as the text the file wrote them in."""
+    return (_STRICT_TEXT if numbers_as_text else _STRICT).decode(text)
 
 
 def strict_json_array(text: str) -> list[tuple[object, int]]:
-    """The items of a JSON array, each with the 1-based line it starts on.
+    """The items of a JSON array of data rows (numbers kept as text, as ``strict_json``
+    with ``numbers_as_text``), each with the 1-based line it starts on.
 
     Raises:
         json.JSONDecodeError: malformed JSON, with its position.
@@ -170,7 +175,7 @@ def strict_json_array(text: str) -> list[tuple[object, int]]:
     while text[at - 1 : at] != "]":
         line = text.count("\n", 0, at) + 1
         try:
-            item, at = _STRICT.raw_decode(text, at)
+            item, at = _STRICT_TEXT.raw_decode(text, at)
         except DuplicateKey as e:
             raise DuplicateKey(e.args[0], line) from None
         items.append((item, line))
