@@ -397,15 +397,29 @@ def _datasets(cfg: Config, tokenizer, world: int) -> tuple[list[dict], list[dict
         if len(train_set) < t.batch_size * world:
             raise DataError(f"data.train: {len(train_set)} usable pairs, fewer than one batch "
                             f"({t.batch_size} × {world} processes)")
+        _warn_if_validation_is_trained_on(train_set, val_set, lambda p: (tuple(p["chosen"]["input_ids"]),
+                                                                          tuple(p["rejected"]["input_ids"])))
         return train_set, val_set
     train_set = build_examples(cfg.data, tokenizer, "train")
+    val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
+    _warn_if_validation_is_trained_on(train_set, val_set, lambda e: tuple(e["input_ids"]))
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, t.seed)
-    val_set = build_examples(cfg.data, tokenizer, "validation") if cfg.data.validation else []
     if len(train_set) < t.batch_size * world:
         raise DataError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
                         f"({t.batch_size} × {world} processes)")
     return train_set, val_set
+
+
+def _warn_if_validation_is_trained_on(train_set: list[dict], val_set: list[dict], key: Callable) -> None:
+    """Warn when validation examples also appear, token for token, in the training data:
+    their loss then measures memorising, not how the adapter does on unseen rows."""
+    trained = {key(e) for e in train_set}
+    shared = sum(key(e) in trained for e in val_set)
+    if shared:
+        logger.warning("data.validation: %d of its %d examples also appear in data.train (token for token); "
+                       "the validation loss on them measures memorising, not held-out performance",
+                       shared, len(val_set))
 
 
 def _stop_on_nonfinite(loss: float, step: int, checkpoints: Path) -> None:

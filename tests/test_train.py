@@ -227,6 +227,23 @@ def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tiny_model
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_validation_rows_found_in_the_training_data_are_warned_about(tiny_model_dir, tmp_path, caplog):
+    from conftest import write_jsonl
+
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=1)
+    train_rows = [json.loads(line) for line in open(raw["data"]["train"])]
+    raw["data"]["validation"] = write_jsonl(tmp_path / "v.jsonl", train_rows[:3] + [{"question": "9+9+9=", "answer": "x"}])
+    with caplog.at_level("WARNING", logger="lorakit"):
+        _run(raw)
+    assert "data.validation: 3 of its 4 examples also appear in data.train" in caplog.text
+    caplog.clear()
+    raw["data"]["validation"] = write_jsonl(tmp_path / "w.jsonl", [{"question": "9+9+9=", "answer": "x"}])
+    raw["training"]["output_dir"] = str(tmp_path / "run2")
+    with caplog.at_level("WARNING", logger="lorakit"):
+        _run(raw)
+    assert "also appear in data.train" not in caplog.text
+
+
 def test_tensorboard_mirror_when_installed(tiny_model_dir, tmp_path):
     pytest.importorskip("tensorboard")
     _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2))
