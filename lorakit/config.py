@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator,
                       model_validator)
 from pydantic.dataclasses import dataclass
 
@@ -31,6 +31,18 @@ SAVED_CONFIG = "training_config.yaml"
 
 # An integer that must be written as one: YAML's `true` or JSON's "8" is not a rank.
 Count = Annotated[int, Strict()]
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean (YAML reads true/false, yes/no and "
+                         "on/off as booleans)")
+    return value
+
+
+# Numbers that YAML's booleans must not stand in for (``lr: yes`` would otherwise be 1.0).
+Real = Annotated[float, BeforeValidator(_not_a_boolean)]
+Whole = Annotated[int, BeforeValidator(_not_a_boolean)]
 
 
 @dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
@@ -65,8 +77,8 @@ class LoraConfig:
     """
 
     r: Count = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    alpha: Real = 16.0
+    dropout: Real = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: ["q", "v"])
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
@@ -76,7 +88,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, Count] | None = None
-    alpha_pattern: dict[str, float] | None = None
+    alpha_pattern: dict[str, Real] | None = None
     use_dora: bool = False
     init_from: str | None = None
 
@@ -179,11 +191,11 @@ class DataConfig(_Section):
     completion_field: str = "completion"
     text_field: str = "text"
     chat_template: bool = False
-    max_length: int = Field(512, gt=0)
+    max_length: Whole = Field(512, gt=0)
     train_on_prompt: bool = False
     group_by_length: bool = True
     packing: bool = False
-    validation_limit: int | None = Field(None, gt=0)
+    validation_limit: Whole | None = Field(None, gt=0)
 
     @field_validator("prompt_template")
     @classmethod
@@ -198,7 +210,7 @@ class DpoConfig(_Section):
     ``precompute_reference`` scores every pair with the reference once, before step 1,
     instead of once per step."""
 
-    beta: float = Field(0.1, gt=0)
+    beta: Real = Field(0.1, gt=0)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     precompute_reference: bool = False
 
@@ -207,29 +219,29 @@ class OrpoConfig(_Section):
     """ORPO (``training.objective: orpo``; Hong et al. 2024): ``lambda`` weighs the
     odds-ratio term against the chosen answer's NLL."""
 
-    weight: float = Field(0.1, gt=0, alias="lambda")
+    weight: Real = Field(0.1, gt=0, alias="lambda")
 
 
 class TrainingConfig(_Section):
     """The optimization loop, checkpoints and logging."""
 
     output_dir: str = "runs/lorakit"
-    max_steps: int | None = Field(None, gt=0)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    max_steps: Whole | None = Field(None, gt=0)
+    epochs: Real | None = Field(None, gt=0)
+    batch_size: Whole = Field(8, gt=0)
+    grad_accum: Whole = Field(1, gt=0)
+    lr: Real = Field(2e-4, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: Whole = Field(0, ge=0)
+    weight_decay: Real = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    loraplus_lr_ratio: float | None = Field(None, gt=0)
-    seed: int = 0
-    eval_every: int | None = Field(None, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(1, gt=0)
+    max_grad_norm: Real | None = Field(1.0, gt=0)
+    loraplus_lr_ratio: Real | None = Field(None, gt=0)
+    seed: Whole = Field(0, ge=0, lt=2**32)  # what numpy (seeded with it) accepts
+    eval_every: Whole | None = Field(None, gt=0)
+    save_every: Whole | None = Field(None, gt=0)
+    keep_checkpoints: Whole = Field(2, gt=0)
+    log_every: Whole = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     compile: bool = False
     objective: Literal["sft", "dpo", "orpo"] = "sft"

@@ -349,6 +349,17 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "grid value key twice": lambda c: Case(["sweep", c.config(), "--grid", "model.quantization={bits: 4, bits: 8}"], 2,
                                            ["--grid", "'bits' is given twice"]),
     "grid value broken": lambda c: Case(["sweep", c.config(), "--grid", "lora.r=[4"], 2, ["--grid", "not valid YAML"]),
+    "config yaml yes as a learning rate": lambda c: Case(["train", c.config(lambda r: r["training"].update(lr=True))], 2,
+                                                         ["training.lr", "not a boolean"]),
+    "config true as max_length": lambda c: Case(["train", c.config(lambda r: r["data"].update(max_length=True))], 2,
+                                                ["data.max_length", "not a boolean"]),
+    "config false as dropout": lambda c: Case(["train", c.config(lambda r: r["lora"].update(dropout=False))], 2,
+                                              ["lora.dropout", "not a boolean"]),
+    "config on as an alpha pattern": lambda c: Case(["config", "show", c.config(text=(
+        "data:\n  train: x.jsonl\ntraining:\n  max_steps: 1\nlora:\n  alpha_pattern:\n    q_proj: on\n"))], 2,
+        ["lora.alpha_pattern.q_proj", "not a boolean"]),
+    "config negative seed": lambda c: Case(["train", c.config(lambda r: r["training"].update(seed=-1))], 2,
+                                           ["training.seed"]),
     "too many processes": lambda c: Case(["train", c.config(), "--num-processes", "999"], 2, ["CPU core(s)"]),
     "earlier run without resume": lambda c: (
         (c.root / "run" / "adapter").mkdir(parents=True),
