@@ -170,6 +170,8 @@ def row_field(row: dict, name: str, where: str) -> str:
         raise DataError(f"{where}: no field {name!r} (the row has {_present(row) or 'no fields'})")
     if isinstance(value, (dict, list)):
         raise DataError(f"{where}: field {name!r} holds a {type(value).__name__}, not text")
+    if isinstance(value, bool):  # as JSON writes it, not Python's True
+        return "true" if value else "false"
     return str(value)
 
 

@@ -155,14 +155,15 @@ def test_packed_loss_equals_padded_loss():
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
 def test_json_numbers_keep_the_text_the_file_wrote(tmp_path, name):
-    """A number in a data row is text to train on: 1.10 must not become 1.1, nor 1e5 100000.0."""
+    """A number in a data row is text to train on: 1.10 must not become 1.1, nor 1e5
+    100000.0; true stays true (not Python's True)."""
     from lorakit.data import load_rows, row_field
 
     rows = ['{"v": 1.10, "w": 1e5, "x": 3.14159265358979323846, "y": 7.50, "z": -0}',
-            '{"v": 12345678901234567890, "w": 2, "x": 0.1, "y": 1E-3, "z": 2.0}']
+            '{"v": 12345678901234567890, "w": 2, "x": 0.1, "y": 1E-3, "z": true}']
     text = "\n".join(rows) if name == "d.jsonl" else "[" + ",\n".join(rows) + "]"
     (tmp_path / name).write_text(text)
     loaded = load_rows(str(tmp_path / name))
     got = [[row_field(row, k, at) for k in "vwxyz"] for row, at in zip(loaded.rows, loaded.where)]
     assert got == [["1.10", "1e5", "3.14159265358979323846", "7.50", "-0"],
-                   ["12345678901234567890", "2", "0.1", "1E-3", "2.0"]]
+                   ["12345678901234567890", "2", "0.1", "1E-3", "true"]]
