@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from lorakit.inputs import DuplicateKey, strict_json
 from lorakit.inject import Target, add_lora, is_extra, lora_modules, plan_injection
 from lorakit.fastpath import is_4bit
 from lorakit.lora import LoRALinear
+
+logger = logging.getLogger("lorakit")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -147,6 +150,7 @@ class Adapter:
     config: LoraConfig
     base_model: str | None
     tensors: dict[str, torch.Tensor]
+    base_sample: dict | None = None  # of the base it was trained on (lorakit's adapters)
 
 
 def with_init_from(config: Config) -> Config:
@@ -183,8 +187,51 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, str |
     return config, peft.get("base_model_name_or_path") or None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+# Safetensors metadata (which PEFT ignores): a sample of the input embeddings of the base
+# an adapter was trained on.
+_BASE_KEY = "lorakit_base_embeddings"
+
+
+def base_sample(model: nn.Module) -> dict | None:
+    """64 values of the model's input embeddings at fixed places, with their shape: the part
+    of a base that quantization, PiSSA and adapters leave alone. ``None`` when the
+    embeddings are not one plain tensor (sharded, or wrapped to be trained)."""
+    embeddings = model.get_input_embeddings()
+    weight = embeddings._parameters.get("weight") if embeddings is not None else None
+    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dim() != 2:
+        return None
+    rows, cols = weight.shape
+    picks = weight.detach()[torch.arange(64) * rows // 64, torch.arange(64) * 7 % cols]
+    return {"shape": [rows, cols], "values": [float(f"{v:.6g}") for v in picks.float().tolist()]}
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Whether two ``base_sample``s come from one base, loaded in any dtype: each value
+    within 2% of itself plus 1% of the sample's RMS (bfloat16 rounds by at most 0.4%)."""
+    if a["shape"] != b["shape"]:
+        return False
+    x, y = torch.tensor(a["values"]), torch.tensor(b["values"])
+    return bool(((x - y).abs() <= 0.02 * y.abs() + 0.01 * y.square().mean().sqrt()).all())
+
+
+def _parse_sample(text: str | None) -> dict | None:
+    """A ``base_sample`` from metadata text; ``None`` for anything malformed (it is only a hint)."""
+    try:
+        sample = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(sample, dict):
+        return None
+    shape, values = sample.get("shape"), sample.get("values")
+    numbers = isinstance(values, list) and len(values) == 64 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    shaped = isinstance(shape, list) and len(shape) == 2 and all(type(d) is int for d in shape)
+    return {"shape": shape, "values": values} if numbers and shaped else None
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's tensors under PEFT's keys, and the file's metadata."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     weights = path / WEIGHTS_NAME
@@ -193,6 +240,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoraError(f"{path}: no {WEIGHTS_NAME}{pickled if (path / 'adapter_model.bin').exists() else ''}")
     try:
         state = load_file(weights)
+        with safe_open(weights, "pt") as file:
+            metadata = file.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoraError(f"{weights}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     problems = [f"{k} holds {t.dtype} values; adapter tensors must be floating point"
@@ -202,13 +251,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LoraError(f"{weights}: {problems[0]}{more}; the adapter is broken")
-    return {k if k.startswith(PREFIX) else PREFIX + k.removeprefix("base_model."): v for k, v in state.items()}
+    return {k if k.startswith(PREFIX) else PREFIX + k.removeprefix("base_model."): v for k, v in state.items()}, metadata
 
 
 def read_adapter(directory: str | os.PathLike) -> Adapter:
     """Read and check an adapter directory (config and tensors), touching no model."""
     config, base = read_adapter_config(directory)
-    return Adapter(Path(directory), config, base, _read_tensors(Path(directory)))
+    tensors, metadata = _read_tensors(Path(directory))
+    sample = _parse_sample(metadata.get(_BASE_KEY))
+    return Adapter(Path(directory), config, base, tensors, sample)
 
 
 # --- from model to files -------------------------------------------------------------
@@ -313,6 +364,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in adapter_state(model).items()}
     metadata = {"format": "pt"}
+    sample = None if config.modules_to_save else base_sample(model)
+    if sample:
+        metadata[_BASE_KEY] = json.dumps(sample)
     if any(m.initial is not None for m in lora_modules(model).values()):
         metadata["lorakit"] = (f"trained from init {config.init} at r={config.r}; saved converted to a plain LoRA "
                                "on the original base (rank doubled)")
@@ -425,6 +479,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise LoraError(f"{adapter.path} does not fit this model: {problems[0]}{more}")
+    here = base_sample(model) if adapter.base_sample else None
+    if here and not same_base(adapter.base_sample, here):
+        logger.warning("%s was trained on another base: the shapes fit, but this model's input embeddings differ "
+                       "from those of the base it was trained on, so the adapter will not do what its training "
+                       "measured. Pass the base it was trained on (--base) unless this is what you want.",
+                       adapter.path)
     tensors = dict(adapter.tensors)
     if lora_modules(model):
         # Layers initialised from their base weight (a run being resumed) read the plain LoRA

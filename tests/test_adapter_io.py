@@ -149,3 +149,27 @@ def test_bad_directories_fail_clearly(tmp_path):
 def test_save_without_lora_is_an_error(tmp_path):
     with pytest.raises(LoraError, match="no LoRA layers"):
         save_adapter(build("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_an_adapter_on_another_base_of_the_same_shapes_is_warned_about(arch, tmp_path, caplog):
+    """Shapes cannot tell two bases of one architecture apart; the input embeddings sampled
+    into the adapter's metadata can, across dtypes."""
+    _trained(arch, tmp_path)
+    with caplog.at_level("WARNING", logger="lorakit"):
+        load_adapter(build(arch), tmp_path / "adapter")
+        load_adapter(build(arch).to(torch.bfloat16), tmp_path / "adapter")
+        assert "trained on another base" not in caplog.text
+        load_adapter(build(arch, seed=7), tmp_path / "adapter")
+    assert caplog.text.count("trained on another base") == 1
+
+
+@pytest.mark.parametrize("hint", ['{"shape": [1, 2], "values": [1, 2]}', "[1, 2]", "not json",
+                                  '{"shape": [96, 32], "values": ' + json.dumps([True] * 64) + "}"])
+def test_a_malformed_base_hint_is_ignored(hint, tmp_path, caplog):
+    _trained("llama", tmp_path)
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt", "lorakit_base_embeddings": hint})
+    with caplog.at_level("WARNING", logger="lorakit"):
+        load_adapter(build("llama", seed=7), tmp_path / "adapter")  # another base, but no usable hint
+    assert "another base" not in caplog.text
