@@ -203,6 +203,16 @@ class DataConfig(_Section):
         template_fields(template)
         return template
 
+    @model_validator(mode="after")
+    def _no_answer_in_the_prompt(self) -> DataConfig:
+        if self.format in ("prompt_completion", "preference"):
+            answers = {self.completion_field} | ({"chosen", "rejected"} if self.format == "preference" else set())
+            leaked = [name for name in template_fields(self.prompt_template) if name in answers]
+            if leaked:
+                raise ValueError(f"prompt_template names {{{leaked[0]}}}, the answer the model is trained to "
+                                 "produce: every prompt would hold its own answer")
+        return self
+
 
 class DpoConfig(_Section):
     """DPO (``training.objective: dpo``): ``beta`` weighs the log-ratio against the

@@ -360,6 +360,11 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         ["lora.alpha_pattern.q_proj", "not a boolean"]),
     "config negative seed": lambda c: Case(["train", c.config(lambda r: r["training"].update(seed=-1))], 2,
                                            ["training.seed"]),
+    "config answer in the prompt": lambda c: Case(["train", c.config(lambda r: r["data"].update(
+        prompt_template="{question} = {answer}"))], 2, ["data", "prompt_template names {answer}"]),
+    "config chosen answer in a preference prompt": lambda c: Case(["train", c.config(lambda r: (
+        r["data"].update(format="preference", prompt_template="{prompt} {chosen}"),
+        r["training"].update(objective="dpo")))], 2, ["prompt_template names {chosen}"]),
     "too many processes": lambda c: Case(["train", c.config(), "--num-processes", "999"], 2, ["CPU core(s)"]),
     "earlier run without resume": lambda c: (
         (c.root / "run" / "adapter").mkdir(parents=True),
