@@ -319,8 +319,8 @@ def parse_overrides(overrides: list[str], source: str = "--set") -> list[tuple[s
             raise ConfigError(source, [f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4"])
         try:
             value = yaml_value(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"--set {key}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})"]) from e
+        except ValueError as e:
+            raise ConfigError(source, [f"--set {key}: value {raw!r} is not valid YAML ({e})"]) from None
         parsed.append((key.strip(), value))
     return parsed
 
@@ -485,8 +485,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def yaml_value(text: str) -> Any:
-    """One value written in YAML (a ``--set`` or ``--grid`` value), read as strictly as a config file."""
-    return yaml.load(text, Loader=_StrictLoader)
+    """One value written in YAML (a ``--set`` or ``--grid`` value), read as strictly as a config file.
+
+    Raises:
+        ValueError: the value is not valid YAML (a key given twice included), saying why.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(getattr(e, "problem", None) or str(e)) from None
 
 
 class _StrictLoader(yaml.SafeLoader):

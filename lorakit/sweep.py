@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from lorakit.config import ConfigError, load_config, yaml_value
 from lorakit.files import atomic_file
 from lorakit.train import train
@@ -60,8 +58,8 @@ def parse_grid(grids: list[str]) -> list[tuple[str, list]]:
             raise ConfigError("--grid", [f"--grid {item!r}: expected KEY=V1,V2,..., e.g. lora.r=4,8,16"])
         try:
             parsed.append((key.strip(), [_value(v) for v in _split_values(values)]))
-        except yaml.YAMLError as e:
-            raise ConfigError("--grid", [f"--grid {item!r}: a value is not valid YAML ({getattr(e, 'problem', None) or e})"]) from None
+        except ValueError as e:
+            raise ConfigError("--grid", [f"--grid {item!r}: a value is not valid YAML ({e})"]) from None
     return parsed
 
 
