@@ -199,17 +199,28 @@ def _chat(tokenizer, messages: list[dict], **kw) -> str:
         raise DataError(f"the model's chat template cannot render these messages: {type(e).__name__}: {e}") from None
 
 
-def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """Chat-template text split so that each assistant turn (with its end token) is trained."""
+def _chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
+    """Chat-template text split so that each assistant turn (with its end token) is trained.
+
+    The split renders growing prefixes of the conversation, which is exact only when the
+    template renders earlier turns the same whatever follows them (templates that drop
+    earlier reasoning do not): otherwise the row is refused.
+
+    Raises:
+        DataError: naming the row and the message where the renderings part.
+    """
     segments, done = [], ""
     for i, message in enumerate(messages):
-        if message.get("role") == "assistant":
-            prefix = _chat(tokenizer, messages[:i], add_generation_prompt=True)
-            segments.append((prefix[len(done):], False))
-            done = prefix
-        upto = _chat(tokenizer, messages[: i + 1])
-        segments.append((upto[len(done):], message.get("role") == "assistant"))
-        done = upto
+        assistant = message["role"] == "assistant"
+        renders = [(_chat(tokenizer, messages[:i], add_generation_prompt=True), False)] if assistant else []
+        renders.append((_chat(tokenizer, messages[: i + 1]), assistant))
+        for text, trained in renders:
+            if not text.startswith(done):
+                raise DataError(f"{where}: the model's chat template renders the conversation before message {i + 1} "
+                                "differently once that message follows, so lorakit cannot split it into context and "
+                                "trained turns exactly; give each row one trained assistant turn at the end")
+            segments.append((text[len(done):], trained))
+            done = text
     return [s for s in segments if s[0]]
 
 
@@ -228,7 +239,7 @@ def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[t
     if cfg.format == "text":
         return [(row_field(row, cfg.text_field, where) + eos, True)]
     if cfg.format == "chat":
-        return _chat_segments(tokenizer, _check_messages(row.get("messages"), where))
+        return _chat_segments(tokenizer, _check_messages(row.get("messages"), where), where)
     if cfg.format == "alpaca":
         extra = row.get("input") or ""
         prompt = ALPACA.format(
@@ -250,7 +261,7 @@ def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[t
         completion = row_field(row, cfg.completion_field, where)
     if cfg.chat_template:
         return _chat_segments(tokenizer, [{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": completion}])
+                                          {"role": "assistant", "content": completion}], where)
     return [(prompt, False), (completion + eos, True)]
 
 
@@ -283,26 +294,36 @@ def render_preference(row: dict, cfg: DataConfig, tokenizer, where: str, key: st
         raise DataError(f"{where}: the prompt is a list of chat messages; set data.chat_template: true so that "
                         "training, eval and generate all render prompts with the chat template")
     turns = prompt + [{"role": "assistant", "content": response}]
-    segments = _chat_segments(tokenizer, _check_messages(turns, where))
+    segments = _chat_segments(tokenizer, _check_messages(turns, where), where)
     last = max(i for i, (_, trained) in enumerate(segments) if trained)
     return [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]  # earlier turns: context
 
 
 def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool) -> dict:
-    """Token ids and labels; a token is trained when it starts inside a trained segment."""
+    """Token ids and labels; a token is trained when it starts inside a trained segment.
+
+    When one token holds both the end of the context and the start of a trained segment
+    (a prompt ending in a space: ``" yes"``), that token stays context and the example
+    gets ``"split"``, the token's text, so that callers can warn: the answer's start is
+    not trained, and generation from the prompt alone sees other tokens.
+    """
     text = "".join(s for s, _ in segments)
     spans, start = [], 0
     for segment, trained in segments:
-        if trained or train_on_prompt:
-            spans.append((start, start + len(segment)))
-        start += len(segment)
+        end = start + len(segment)
+        if (trained or train_on_prompt) and spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], end)
+        elif trained or train_on_prompt:
+            spans.append((start, end))
+        start = end
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"][:max_length]
-    labels = [
-        tok if any(a <= begin < b for a, b in spans) else IGNORE
-        for tok, (begin, _) in zip(ids, enc["offset_mapping"])
-    ]
-    return {"input_ids": ids, "labels": labels}
+    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
+    labels = [tok if any(a <= begin < b for a, b in spans) else IGNORE for tok, (begin, _) in zip(ids, offsets)]
+    example = {"input_ids": ids, "labels": labels}
+    split = next((tok for tok, (begin, end) in zip(ids, offsets) if any(begin < a < end for a, _ in spans)), None)
+    if split is not None:
+        example["split"] = tokenizer.decode([split])
+    return example
 
 
 @dataclass
@@ -326,11 +347,13 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
         raise DataError(f"{key} needs the model's chat template, and this tokenizer has none; use "
                         "format prompt_completion without chat_template, or a model that ships a template")
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
-    examples, lengths = [], []
-    over = trained = total = 0
+    examples, lengths, splits = [], [], []
+    over = cut = trained = total = 0
     eos_trained = False
     for row, where in zip(rows.rows, rows.where):
         full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt)
+        if "split" in full:
+            splits.append((where, full.pop("split")))
         lengths.append(len(full["input_ids"]))
         over += len(full["input_ids"]) > cfg.max_length
         example = {k: v[: cfg.max_length] for k, v in full.items()}
@@ -339,7 +362,9 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
         eos_trained = eos_trained or tokenizer.eos_token_id in labels
         if labels:
             examples.append(example)
+            cut += len(full["input_ids"]) > cfg.max_length
     report = DataReport(examples, len(lengths), lengths, over, trained / max(total, 1))
+    report.warnings += answer_warnings(len(lengths), splits, cut, cfg.max_length)
     dropped = len(lengths) - len(examples)
     if dropped:
         report.warnings.append(f"{dropped} of {len(lengths)} examples had no trained token left within "
@@ -350,6 +375,21 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     if report.trained_share == 1 and cfg.format != "text":
         report.warnings.append("100% of tokens carry loss: the prompt is trained too (train_on_prompt?)")
     return report
+
+
+def answer_warnings(rows: int, splits: list[tuple[str, str]], cut: int, max_length: int) -> list[str]:
+    """What keeps answers from being trained as written: tokens shared with the prompt
+    (``splits``: place and token text) and answers cut by ``max_length``."""
+    warnings = []
+    if splits:
+        where, token = splits[0]
+        warnings.append(f"{len(splits)} of {rows} examples share a token between the prompt and the answer "
+                        f"(first: {token!r} in {where}): it stays context, so the answer's start is not trained; "
+                        "end the prompt where a token ends, e.g. without a trailing space")
+    if cut:
+        warnings.append(f"{cut} of {rows} examples are cut short by max_length={max_length}: the end of their "
+                        "answers (and EOS) is not trained; raise data.max_length to keep it")
+    return warnings
 
 
 def build_examples(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:

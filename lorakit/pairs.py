@@ -13,7 +13,7 @@ import logging
 import torch
 
 from lorakit.config import DataConfig
-from lorakit.data import IGNORE, collate, load_rows, render_preference, tokenize
+from lorakit.data import IGNORE, answer_warnings, collate, load_rows, render_preference, tokenize
 from lorakit.errors import DataError
 
 logger = logging.getLogger("lorakit")
@@ -30,11 +30,13 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
     """
     source = cfg.train if split == "train" else cfg.validation
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
-    pairs, dropped, truncated, identical = [], 0, 0, 0
+    pairs, splits, dropped, truncated, identical = [], [], 0, 0, 0
     for row, where in zip(rows.rows, rows.where):
         pair = {}
         for key in ("chosen", "rejected"):
             full = tokenize(render_preference(row, cfg, tokenizer, where, key), tokenizer, 10**9, False)
+            if "split" in full:
+                splits.append((f"{where} ({key})", full.pop("split")))
             truncated += len(full["input_ids"]) > cfg.max_length
             pair[key] = {k: v[: cfg.max_length] for k, v in full.items()}
         identical += pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]
@@ -42,6 +44,8 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
             pairs.append(pair)
         else:
             dropped += 1
+    for warning in answer_warnings(2 * len(rows), splits, 0, cfg.max_length):
+        logger.warning("%s: %s", source, warning)
     if dropped:
         logger.warning("%s: %d of %d pairs have an answer with no token left within max_length=%d and are "
                        "dropped; raise data.max_length to keep them", source, dropped, len(rows), cfg.max_length)

@@ -78,6 +78,47 @@ def test_truncated_away_completions_are_dropped(tok, tmp_path, caplog):
         build_examples(DataConfig(train=path, max_length=1), tok)
 
 
+def test_answers_cut_short_are_warned_about(tok, tmp_path, caplog):
+    rows = [{"prompt": "p", "completion": "y" * 40}, {"prompt": "q", "completion": "w"}]
+    examples = build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), max_length=20), tok)
+    assert len(examples) == 2 and "1 of 2 examples are cut short by max_length=20" in caplog.text
+    caplog.clear()
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), max_length=64), tok)
+    assert "cut short" not in caplog.text
+
+
+def _merging_tokenizer():
+    """The byte tokenizer with one merge, " y": a prompt ending in a space shares its last
+    token with an answer starting with y."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["Ġy"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "y")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    merging = PreTrainedTokenizerFast(tokenizer_object=core)
+    merging.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<pad>"})
+    return merging
+
+
+def test_a_token_shared_by_prompt_and_answer_is_warned_about(tmp_path, caplog):
+    """TRL warns of the same mismatch; the shared token stays context (as TRL's masks do)."""
+    merging = _merging_tokenizer()
+    rows = [{"prompt": "ok", "completion": "yes"}, {"prompt": "Is it? ", "completion": "yes"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples = build_examples(DataConfig(train=path), merging)
+    assert "1 of 2 examples share a token between the prompt and the answer (first: ' y' in " in caplog.text
+    assert "d.jsonl, line 2)" in caplog.text
+    assert _trained_text(merging, examples[0]) == "yes<|im_end|>"
+    assert _trained_text(merging, examples[1]) == "es<|im_end|>"
+    assert all(set(e) == {"input_ids", "labels"} for e in examples)
+    caplog.clear()
+    build_examples(DataConfig(train=path, train_on_prompt=True), merging)  # all trained: nothing is lost
+    assert "share a token" not in caplog.text
+
+
 def test_collate_pads_right_with_ignored_labels():
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
