@@ -222,6 +222,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     t = cfg.training
     out = Path(t.output_dir)
     checkpoints = out / "checkpoints"
+    _check_inputs_survive(cfg, out)
     _check_output(out, checkpoints, resume, overwrite)
     preflight(cfg)
     accelerator = _accelerator(t)
@@ -372,6 +373,25 @@ def _validate(loss_model, val_set: list[dict], preference: bool, batch_size: int
     if preference:
         return evaluate_pairs(loss_model, val_set, batch_size, pad_id, device)
     return {"val_loss": evaluate_loss(loss_model, val_set, batch_size, pad_id, device)}
+
+
+# What a run writes in output_dir: an input inside one of them would be replaced or deleted.
+RUN_OUTPUTS = ("adapter", "model", "checkpoints", "tensorboard", report.METRICS, "loss.png")
+
+
+def _check_inputs_survive(cfg: Config, out: Path) -> None:
+    """Refuse an ``output_dir`` whose run outputs would replace one of the run's inputs."""
+    inputs = {"model.name_or_path": cfg.model.name_or_path, "data.train": cfg.data.train,
+              "data.validation": cfg.data.validation, "lora.init_from": cfg.lora.init_from}
+    for key, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():  # absent: a hub name
+            continue
+        path = Path(value).expanduser().resolve()
+        for name in RUN_OUTPUTS:
+            written = (out / name).expanduser().resolve()
+            if path == written or written in path.parents:
+                raise InputError(f"training.output_dir: the run writes {out / name}, which holds {key} "
+                                 f"({value}); choose another output_dir or move the input")
 
 
 def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -> None:

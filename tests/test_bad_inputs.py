@@ -186,6 +186,16 @@ def _forgetful_chat_template(c: Ctx) -> str:
                                r["data"].update(train=path, validation=None, format="chat")))
 
 
+def _base_in_run(c: Ctx) -> Case:
+    """A base model saved as an earlier full fine-tune's ``model/``, trained into that run."""
+    base = c.root / "run" / "model"
+    shutil.copytree(c.model, base)
+    config = c.config(lambda r: (r["model"].update(name_or_path=str(base)), r.pop("lora"), r.update(method="full"),
+                                 r["training"].update(output_dir=str(base.parent))))
+    return Case(["train", config, "--overwrite"], 2, ["training.output_dir", "model.name_or_path"],
+                intact=[base / "model.safetensors"])
+
+
 def _parquet_twice(c: Ctx) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -483,6 +493,11 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                            ["--plot", "does not exist"]),
     "train output_dir cannot be created": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(output_dir="/proc/lorakit-run"))], 2, ["training.output_dir", "cannot"]),
+    "train output_dir replaces the init_from adapter": lambda c: Case(["train", c.config(lambda r: (
+        r.update(lora={"init_from": str(c.adapter)}), r["training"].update(output_dir=str(c.adapter.parent)))),
+        "--overwrite"], 2, ["training.output_dir", "lora.init_from", "choose another output_dir"],
+        intact=[c.adapter / "adapter_model.safetensors"]),
+    "train output_dir replaces the base model": lambda c: _base_in_run(c),
     "inspect base missing": lambda c: Case(["inspect", str(c.adapter), "--base", "./gone"], 2, ["no such file"]),
     "merge missing adapter": lambda c: Case(["merge", str(c.root / "gone"), "-o", str(c.root / "m")], 2,
                                             ["no such adapter directory"]),
