@@ -1,11 +1,11 @@
 """Training checkpoints: written whole or not at all, checked, and resumed exactly.
 
 ``checkpoints/step-N/`` holds the adapter (PEFT format; the whole model for full
-fine-tuning), ``optimizer.pt`` (the whole optimizer state keyed by parameter name,
-tensors only, read back with ``weights_only=True``; gathered from the shards under FSDP),
-one ``rng-<rank>.safetensors`` per process, and ``state.json``: step (which fixes the data
-position), scheduler, process count, config fingerprint, the training data's fingerprint
-and the SHA-256 of every other file. It is written under a temporary name and renamed, so
+fine-tuning), ``optimizer.safetensors`` (the whole optimizer state's tensors, keyed by
+parameter name; gathered from the shards under FSDP), one ``rng-<rank>.safetensors`` per
+process, and ``state.json``: step (which fixes the data position), the optimizer's other
+settings, scheduler, process count, config fingerprint, the training data's fingerprint
+and the SHA-256 of every other file. Nothing in it is a pickle. It is written under a temporary name and renamed, so
 a kill at any moment leaves the previous checkpoint intact; a file damaged later (a
 truncated copy, a bad disk) is caught by its checksum, and resuming falls back to the
 newest intact checkpoint.
@@ -60,6 +60,44 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+OPTIMIZER = "optimizer.safetensors"
+
+
+def _split_moments(moments: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict as safetensors' flat tensors and the plain values JSON holds
+    (param groups, steps kept as numbers), each keyed by its path (``"<param>/exp_avg"``;
+    8-bit optimizers nest dicts of tensors)."""
+    tensors, plain, seen = {}, {}, set()
+
+    def walk(path: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{path}/{key}", inner)
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().contiguous()
+            if value.untyped_storage().data_ptr() in seen:  # shared (8-bit optimizers' quantization maps)
+                value = value.clone()
+            seen.add(value.untyped_storage().data_ptr())
+            tensors[path] = value
+        else:
+            plain[path] = value
+
+    for name, values in moments["state"].items():
+        walk(name, values)
+    return tensors, {"param_groups": moments["param_groups"], "state": plain}
+
+
+def _join_moments(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict = {}
+    for path, value in [*plain["state"].items(), *tensors.items()]:
+        *parents, key = path.split("/")
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
 def capture_rng() -> dict[str, torch.Tensor]:
     """This process's random state (CPU and CUDA), to save with a checkpoint."""
     rng = {"cpu": torch.get_rng_state()}
@@ -104,7 +142,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: 
                 else:  # full fine-tuning: every weight (tied ones once)
                     save_model(model, str(tmp / "model.safetensors"))
         if main:
-            torch.save(moments, tmp / "optimizer.pt")
+            tensors, plain_moments = _split_moments(moments)
+            save_file(tensors, tmp / OPTIMIZER)
         accelerator.wait_for_everyone()
         save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
         accelerator.wait_for_everyone()
@@ -113,6 +152,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, config: 
             state = {
                 "step": step,
                 "processes": accelerator.num_processes,
+                "optimizer": plain_moments,
                 "scheduler": scheduler.state_dict(),
                 "config_hash": _hash(fingerprint(config)),
                 "config": fingerprint(config),
@@ -241,10 +281,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
             load_adapter(model, path / "adapter")
         else:
             load_model(model, str(path / "model.safetensors"))
-    try:  # tensors and plain containers only: a pickle that asks to run code is refused
-        moments = torch.load(path / "optimizer.pt", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — torch raises several kinds for a hostile or damaged file
-        raise ResumeError(f"{path / 'optimizer.pt'}: not a plain tensor file, refused ({type(e).__name__})") from None
+    if (path / "optimizer.pt").exists() and not (path / OPTIMIZER).exists():
+        raise ResumeError(f"{path}: written by an older lorakit, whose optimizer.pt is a pickle, which lorakit no "
+                          "longer loads; start over with --overwrite (or resume with that version)")
+    try:
+        moments = _join_moments(load_file(path / OPTIMIZER), state["optimizer"])
+    except Exception as e:  # noqa: BLE001 — a damaged or foreign file fails in many ways
+        raise ResumeError(f"{path / OPTIMIZER}: not lorakit's optimizer state ({type(e).__name__}: {e})") from None
     load_optimizer_state(model, optimizer, moments)
     scheduler.load_state_dict(state["scheduler"])
     if "lr" in changes:  # the schedule keeps its shape and position, scaled to the new peak

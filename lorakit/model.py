@@ -72,6 +72,10 @@ def convert_gguf(path: Path, name_or_path: str | None = None) -> Path:
     return target
 
 
+# Weight files that are Python pickles: never loaded, from a directory or the hub.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """``default`` and ``.gguf`` files become cached checkpoints; the rest is passed on."""
     if name_or_path == DEFAULT_MODEL:
@@ -86,6 +90,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if (path / "adapter" / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{name_or_path} is a run or checkpoint directory, not a model; its adapter is "
                              f"{path / 'adapter'}")
+    pickled = sorted(f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern)) if path.is_dir() else []
+    if pickled and not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{name_or_path}: its weights are only pickles ({', '.join(pickled[:3])}), which lorakit "
+                             "never loads (unpickling can run code a file asks for); save the model as safetensors "
+                             "first (transformers' save_pretrained writes them)")
     if path.suffix == ".gguf":
         try:
             return str(convert_gguf(path))
@@ -186,6 +195,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
             quantization_config=quant,
             device_map={"": torch.device(device)} if quant else None,
             trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # a hub model without safetensors is refused, not unpickled
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}{_remote_hint(e)}") from None

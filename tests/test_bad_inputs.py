@@ -154,6 +154,17 @@ def _remote_code(c: Ctx, base_flag: bool) -> Case:
                 absent=[c.root / MARKER])
 
 
+def _pickled_base(c: Ctx, command: list[str]) -> Case:
+    """A base model whose only weights are a pickle that would write the marker."""
+    base = c.root / "pickled"
+    shutil.copytree(c.model, base)
+    (base / "model.safetensors").unlink()
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps(_Plant(c.root / MARKER)))
+    args = [*command, "--base", str(base)] if command else ["train", c.config(
+        lambda r: r["model"].update(name_or_path=str(base)))]
+    return Case(args, 2, ["pytorch_model.bin", "never loads"], absent=[c.root / MARKER])
+
+
 def _merge_into(c: Ctx, where: str) -> Case:
     output = {"itself": c.adapter, "run": c.adapter.parent, "inside": c.adapter / "merged"}[where]
     weights = c.adapter / "adapter_model.safetensors"
@@ -584,6 +595,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                                         ["rank_pattern", "repeats"]),
     "adapter catastrophic target regex": lambda c: Case(["eval", c.peft(target_modules="(.*)*q_proj")], 2,
                                                         ["target_modules", "repeats"]),
+    "base model pickle only": lambda c: _pickled_base(c, []),
+    "base model pickle only merge": lambda c: _pickled_base(c, ["merge", str(c.adapter), "-o", str(c.root / "m")]),
+    "base model pickle only eval": lambda c: _pickled_base(c, ["eval", str(c.adapter), "--limit", "1"]),
     "adapter pickle only": _pickle_only,
     "adapter pickle only eval": _pickle_only_eval,
     "adapter truncated weights": lambda c: (

@@ -207,11 +207,11 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tiny_model_dir, tmp_path, c
     raw = tiny_config(tmp_path, tiny_model_dir, max_steps=6, save_every=2, keep_checkpoints=3)
     _run(raw)
     reference = _adapter(tmp_path / "run")
-    newest = tmp_path / "run" / "checkpoints" / "step-6" / "optimizer.pt"
+    newest = tmp_path / "run" / "checkpoints" / "step-6" / "optimizer.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     raw["training"]["max_steps"] = 6
     result = _run(raw, resume=True)
-    assert result.steps == 6 and "step-6 is damaged" in caplog.text and "optimizer.pt" in caplog.text
+    assert result.steps == 6 and "step-6 is damaged" in caplog.text and "optimizer.safetensors" in caplog.text
     resumed = _adapter(tmp_path / "run")
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # redone from step 4, exactly
 
@@ -265,27 +265,34 @@ def test_non_finite_weights_are_never_checkpointed(tiny_model_dir, tmp_path, mon
 
 
 def test_a_planted_pickle_in_a_checkpoint_never_runs(tiny_model_dir, tmp_path):
+    """Checkpoints hold no pickle (safetensors and JSON only), and a pickle planted in one,
+    under the old optimizer.pt name or the new file's, is refused without running."""
     import hashlib
     import pickle
 
     raw = tiny_config(tmp_path, tiny_model_dir, max_steps=2, save_every=2)
     _run(raw)
     step = tmp_path / "run" / "checkpoints" / "step-2"
+    assert {p.suffix for p in step.rglob("*") if p.is_file()} == {".safetensors", ".json"}
     marker = tmp_path / "pwned.marker"
 
     class Plant:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    (step / "optimizer.pt").write_bytes(pickle.dumps(Plant()))
-    state = json.loads((step / "state.json").read_text())  # a forger updates the checksum too
-    state["files"]["optimizer.pt"] = hashlib.sha256((step / "optimizer.pt").read_bytes()).hexdigest()
-    (step / "state.json").write_text(json.dumps(state))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
-    result = runner.invoke(app, ["train", str(config), "--resume"])
-    assert result.exit_code == 2 and "optimizer.pt: not a plain tensor file, refused" in result.output
-    assert not marker.exists()
+    for name, says in [("optimizer.safetensors", "optimizer.safetensors: not lorakit's optimizer state"),
+                       ("optimizer.pt", "optimizer.pt is a pickle, which lorakit no longer loads")]:
+        (step / "optimizer.safetensors").unlink(missing_ok=True)
+        (step / name).write_bytes(pickle.dumps(Plant()))
+        state = json.loads((step / "state.json").read_text())  # a forger updates the checksum too
+        state["files"].pop("optimizer.safetensors", None)
+        state["files"][name] = hashlib.sha256((step / name).read_bytes()).hexdigest()
+        (step / "state.json").write_text(json.dumps(state))
+        result = runner.invoke(app, ["train", str(config), "--resume"])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not marker.exists()
 
 
 def test_lazy_cli_imports_neither_torch_nor_transformers():
