@@ -235,7 +235,7 @@ class OrpoConfig(_Section):
 class TrainingConfig(_Section):
     """The optimization loop, checkpoints and logging."""
 
-    output_dir: str = "runs/lorakit"
+    output_dir: str = Field("runs/lorakit", min_length=1)
     max_steps: Whole | None = Field(None, gt=0)
     epochs: Real | None = Field(None, gt=0)
     batch_size: Whole = Field(8, gt=0)
@@ -260,6 +260,9 @@ class TrainingConfig(_Section):
     def _one_length(self) -> TrainingConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set training.max_steps or training.epochs")
+        if self.max_steps is not None and self.epochs is not None:  # one would be silently ignored
+            raise ValueError(f"training.max_steps ({self.max_steps}) and training.epochs ({self.epochs:g}) are both "
+                             "set; set one (e.g. --set training.max_steps=null)")
         return self
 
 

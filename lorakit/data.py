@@ -299,9 +299,31 @@ def render_preference(row: dict, cfg: DataConfig, tokenizer, where: str, key: st
     return [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]  # earlier turns: context
 
 
+def bos_of(tokenizer) -> list[int]:
+    """``[BOS]`` when the tokenizer starts every text with it (Llama, Mistral, Gemma), else ``[]``.
+
+    Rendered text is tokenized without the tokenizer's automatic special tokens (a chat
+    template writes its own, and an EOS the tokenizer appended would be trained twice);
+    this BOS is then put back where the text lacks it, so that training, eval and the
+    serving engines (which add it) all see the same tokens.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a")["input_ids"][:1] != [bos]:
+        return []
+    return [] if tokenizer("a", add_special_tokens=False)["input_ids"][:1] == [bos] else [bos]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """The token ids of a rendered prompt, as training sees them (``bos_of``)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = bos_of(tokenizer)
+    return ids if ids[: len(bos)] == bos else bos + ids
+
+
 def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool) -> dict:
     """Token ids and labels; a token is trained when it starts inside a trained segment.
 
+    The tokenizer's BOS is put first when the text lacks it (``bos_of``), as context.
     When one token holds both the end of the context and the start of a trained segment
     (a prompt ending in a space: ``" yes"``), that token stays context and the example
     gets ``"split"``, the token's text, so that callers can warn: the answer's start is
@@ -317,9 +339,13 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train
             spans.append((start, end))
         start = end
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [tok if any(a <= begin < b for a, b in spans) else IGNORE for tok, (begin, _) in zip(ids, offsets)]
-    example = {"input_ids": ids, "labels": labels}
+    bos = bos_of(tokenizer)
+    if bos and ids[:1] != bos:
+        ids, offsets, labels = bos + ids, [(0, 0)] + offsets, [IGNORE] + labels
+    example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    offsets = offsets[:max_length]
     split = next((tok for tok, (begin, end) in zip(ids, offsets) if any(begin < a < end for a, _ in spans)), None)
     if split is not None:
         example["split"] = tokenizer.decode([split])

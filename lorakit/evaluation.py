@@ -17,7 +17,7 @@ import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import load_rows, preference_response, render, row_field, tokenize
+from lorakit.data import encode, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
 from lorakit.inputs import missing_path
 from lorakit.inject import lora_modules, remove_lora
@@ -95,14 +95,23 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention_mask[i, width - len(ids):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Batched greedy decoding with left padding; stops at EOS or end of turn."""
-    tokenizer.padding_side = "left"
     model.eval()
     # Prompts of similar length batched together: padding is computed like any token.
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    encoded = [encode(tokenizer, prompt) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: dict[int, str] = {}
     # The first step feeds the head the last position's slice of the hidden states, a
     # non-contiguous 3-D tensor; torch's CPU linear then copies the head's weight once per
@@ -112,8 +121,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = batch.to(model.device)
+            batch = _left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id, model.device)
             new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

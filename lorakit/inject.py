@@ -236,6 +236,11 @@ def plan_injection(model: nn.Module, config: LoraConfig, strict: bool = True) ->
         if strict and r > min(d_in, *(sizes or (d_out,))):  # PEFT allows it: adapters may carry it
             too_big.append(f"{name} r={r}, {d_in} → {d_out}{', slices ' + str(list(sizes)) if sizes else ''}")
         plan[name] = Target(name, d_in, d_out, r, alpha, tuple(roles), sizes, config.use_dora)
+    for key in (config.rank_pattern or {}).keys() | (config.alpha_pattern or {}).keys():
+        if strict and plan and not any(pattern_value({key: True}, name, False) for name in plan):
+            which = "rank_pattern" if key in (config.rank_pattern or {}) else "alpha_pattern"
+            raise LoraError(f"lora.{which}: {key!r} matches none of the adapted layers (e.g. {next(iter(plan))}); "
+                            "a key is a regex matched against the end of a layer's path")
     for entry in config.modules_to_save or []:
         if not any(n and _matches(n, entry) for n in modules):
             raise LoraError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}")

@@ -246,6 +246,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         compile_blocks(model)
     optimizer = _build_optimizer(model, t)
     n_steps = total_steps(t, epoch_steps(len(train_set), t, world))
+    if t.warmup_steps >= n_steps and main:
+        logger.warning("training.warmup_steps (%d) is not below the run's %d steps: the learning rate never reaches "
+                       "training.lr", t.warmup_steps, n_steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
     loss_model, optimizer = accelerator.prepare(PreferenceLoss(model, cfg) if preference else CausalLMLoss(model),
                                                 optimizer)

@@ -20,7 +20,7 @@ import transformers
 from llama_cpp import Llama
 
 from lorakit.adapter_io import load_adapter
-from lorakit.data import load_rows, render
+from lorakit.data import encode, load_rows, render
 from lorakit.evaluation import prompt_of, resolve_target, stop_ids
 from lorakit.export import base_gguf_file
 from lorakit.files import atomic_file
@@ -63,7 +63,7 @@ def main() -> int:
     rows = load_rows(target.data.validation, "validation").head(args.rows)
     same = 0
     for row, where in zip(rows.rows, rows.where):
-        ids = tokenizer(prompt_of(render(row, target.data, tokenizer, where)), add_special_tokens=False)["input_ids"]
+        ids = encode(tokenizer, prompt_of(render(row, target.data, tokenizer, where)))
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
                                  eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)

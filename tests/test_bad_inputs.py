@@ -394,6 +394,14 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "config on as an alpha pattern": lambda c: Case(["config", "show", c.config(text=(
         "data:\n  train: x.jsonl\ntraining:\n  max_steps: 1\nlora:\n  alpha_pattern:\n    q_proj: on\n"))], 2,
         ["lora.alpha_pattern.q_proj", "not a boolean"]),
+    "config max_steps and epochs": lambda c: Case(["train", c.config(lambda r: r["training"].update(epochs=2))], 2,
+                                                  ["training.max_steps (6) and training.epochs (2) are both set"]),
+    "config rank_pattern matches nothing": lambda c: Case(["train", c.config(lambda r: r["lora"].update(
+        rank_pattern={"q_projj": 8}))], 2, ["lora.rank_pattern", "'q_projj' matches none of the adapted layers"]),
+    "config alpha_pattern matches nothing": lambda c: Case(["plan", c.config(lambda r: r["lora"].update(
+        alpha_pattern={"up_proj": 8}))], 2, ["lora.alpha_pattern", "'up_proj' matches none"]),
+    "config output_dir empty": lambda c: Case(["train", c.config(lambda r: r["training"].update(output_dir=""))], 2,
+                                              ["training.output_dir"]),
     "config negative seed": lambda c: Case(["train", c.config(lambda r: r["training"].update(seed=-1))], 2,
                                            ["training.seed"]),
     "config answer in the prompt": lambda c: Case(["train", c.config(lambda r: r["data"].update(

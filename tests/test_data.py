@@ -208,3 +208,30 @@ def test_json_numbers_keep_the_text_the_file_wrote(tmp_path, name):
     got = [[row_field(row, k, at) for k in "vwxyz"] for row, at in zip(loaded.rows, loaded.where)]
     assert got == [["1.10", "1e5", "3.14159265358979323846", "7.50", "-0"],
                    ["12345678901234567890", "2", "0.1", "1E-3", "true"]]
+
+
+def test_the_tokenizers_bos_is_kept_once_in_training_and_generation():
+    """A tokenizer that starts every text with BOS (Llama, Mistral, Gemma) gets it in
+    training and eval prompts, as serving engines add it; a chat template that writes
+    it itself does not get a second one."""
+    from tokenizers.processors import TemplateProcessing
+
+    from lorakit.data import bos_of, encode
+    from lorakit.evaluation import prompt_of
+
+    tok = byte_tokenizer()
+    assert bos_of(tok) == []
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert bos_of(tok) == [tok.bos_token_id]
+    row = {"q": "2+2=", "a": "4"}
+    for chat in (False, True):
+        cfg = DataConfig(train="x.jsonl", prompt_template="{q}", completion_field="a", chat_template=chat)
+        segments = render(row, cfg, tok)
+        ex = tokenize(segments, tok, cfg.max_length, False)
+        assert ex["input_ids"][0] == tok.bos_token_id and ex["labels"][0] == IGNORE
+        assert ex["input_ids"][1] != tok.bos_token_id  # never twice (the chat template writes its own)
+        assert tok.decode(ex["input_ids"][1:]) == "".join(text for text, _ in segments).removeprefix(tok.bos_token)
+        assert _trained_text(tok, ex).rstrip("\n") == "4<|im_end|>"  # the chat template ends turns with a newline
+        prompt = encode(tok, prompt_of(segments))
+        assert ex["input_ids"][: len(prompt)] == prompt  # eval generates from the tokens training saw

@@ -334,3 +334,11 @@ def test_compile_refuses_a_model_without_named_blocks(tiny_model_dir):
     model._no_split_modules = None
     with pytest.raises(ModelLoadError, match="training.compile: .*_no_split_modules"):
         compile_blocks(model)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_model_dir, tmp_path, caplog):
+    _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2, warmup_steps=2))
+    assert "warmup_steps (2) is not below the run's 2 steps" in caplog.text
+    caplog.clear()
+    _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2, warmup_steps=1, output_dir=str(tmp_path / "b")))
+    assert "warmup_steps" not in caplog.text
