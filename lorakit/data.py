@@ -265,6 +265,32 @@ def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[t
     return [(prompt, False), (completion + eos, True)]
 
 
+def _row_texts(row: dict, cfg: DataConfig) -> list[str]:
+    """The row's own text that rendering puts into an example (not the templates' text)."""
+    def contents(value) -> list[str]:  # text, or chat messages
+        if isinstance(value, list):
+            return [str(m.get("content", "")) for m in value if isinstance(m, dict)]
+        return [] if value is None else [str(value)]
+
+    keys = {"chat": ["messages"], "text": [cfg.text_field], "alpaca": ["instruction", "input", "output"],
+            "preference": ["prompt", "chosen", "rejected"]}.get(cfg.format)
+    if keys is None:
+        keys = [*template_fields(cfg.prompt_template), cfg.completion_field]
+    return [text for key in keys for text in contents(row.get(key))]
+
+
+def special_token_in(row: dict, cfg: DataConfig, specials: list[str]) -> str | None:
+    """The first special token (``specials``: their texts) written inside the row's own
+    text: the tokenizer reads it as that token, not as text."""
+    return next((token for text in _row_texts(row, cfg) for token in specials if token in text), None)
+
+
+def special_texts(tokenizer) -> list[str]:
+    """The texts the tokenizer reads as special tokens (EOS, chat markers)."""
+    added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted(added | set(tokenizer.all_special_tokens))
+
+
 def preference_response(row: dict, key: str, where: str) -> str:
     """The ``chosen`` or ``rejected`` answer of a preference row: text, or one assistant
     message (TRL's conversational form)."""
@@ -373,13 +399,16 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
         raise DataError(f"{key} needs the model's chat template, and this tokenizer has none; use "
                         "format prompt_completion without chat_template, or a model that ships a template")
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
-    examples, lengths, splits = [], [], []
+    examples, lengths, splits, specials = [], [], [], []
     over = cut = trained = total = 0
     eos_trained = False
+    special = special_texts(tokenizer)
     for row, where in zip(rows.rows, rows.where):
         full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt)
         if "split" in full:
             splits.append((where, full.pop("split")))
+        if token := special_token_in(row, cfg, special):
+            specials.append((where, token))
         lengths.append(len(full["input_ids"]))
         over += len(full["input_ids"]) > cfg.max_length
         example = {k: v[: cfg.max_length] for k, v in full.items()}
@@ -390,7 +419,7 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
             examples.append(example)
             cut += len(full["input_ids"]) > cfg.max_length
     report = DataReport(examples, len(lengths), lengths, over, trained / max(total, 1))
-    report.warnings += answer_warnings(len(lengths), splits, cut, cfg.max_length)
+    report.warnings += answer_warnings(len(lengths), splits, cut, cfg.max_length, specials)
     dropped = len(lengths) - len(examples)
     if dropped:
         report.warnings.append(f"{dropped} of {len(lengths)} examples had no trained token left within "
@@ -403,10 +432,17 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     return report
 
 
-def answer_warnings(rows: int, splits: list[tuple[str, str]], cut: int, max_length: int) -> list[str]:
-    """What keeps answers from being trained as written: tokens shared with the prompt
-    (``splits``: place and token text) and answers cut by ``max_length``."""
+def answer_warnings(rows: int, splits: list[tuple[str, str]], cut: int, max_length: int,
+                    specials: list[tuple[str, str]]) -> list[str]:
+    """What keeps rows from being trained as written: tokens shared by prompt and answer
+    (``splits``: place and token text), answers cut by ``max_length``, and special tokens
+    written in the rows' own text (``specials``: place and token)."""
     warnings = []
+    if specials:
+        where, token = specials[0]
+        warnings.append(f"{len(specials)} of {rows} examples write a special token in their own text (first: "
+                        f"{token!r} in {where}): the tokenizer reads it as that token, not as text (an end of "
+                        "turn inside an answer teaches the model to stop there)")
     if splits:
         where, token = splits[0]
         warnings.append(f"{len(splits)} of {rows} examples share a token between the prompt and the answer "

@@ -13,7 +13,8 @@ import logging
 import torch
 
 from lorakit.config import DataConfig
-from lorakit.data import IGNORE, answer_warnings, collate, load_rows, render_preference, tokenize
+from lorakit.data import (IGNORE, answer_warnings, collate, load_rows, render_preference, special_texts,
+                          special_token_in, tokenize)
 from lorakit.errors import DataError
 
 logger = logging.getLogger("lorakit")
@@ -30,21 +31,25 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
     """
     source = cfg.train if split == "train" else cfg.validation
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
-    pairs, splits, dropped, truncated, identical = [], [], 0, 0, 0
+    pairs, splits, specials, dropped, truncated, identical = [], [], [], 0, 0, 0
+    special = special_texts(tokenizer)
     for row, where in zip(rows.rows, rows.where):
-        pair = {}
+        pair, shared = {}, []
+        if token := special_token_in(row, cfg, special):
+            specials.append((where, token))
         for key in ("chosen", "rejected"):
             full = tokenize(render_preference(row, cfg, tokenizer, where, key), tokenizer, 10**9, False)
             if "split" in full:
-                splits.append((f"{where} ({key})", full.pop("split")))
+                shared.append((f"{where} ({key})", full.pop("split")))
             truncated += len(full["input_ids"]) > cfg.max_length
             pair[key] = {k: v[: cfg.max_length] for k, v in full.items()}
+        splits += shared[:1]  # counted once per row
         identical += pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]
         if all(any(label != IGNORE for label in pair[k]["labels"][1:]) for k in pair):
             pairs.append(pair)
         else:
             dropped += 1
-    for warning in answer_warnings(2 * len(rows), splits, 0, cfg.max_length):
+    for warning in answer_warnings(len(rows), splits, 0, cfg.max_length, specials):
         logger.warning("%s: %s", source, warning)
     if dropped:
         logger.warning("%s: %d of %d pairs have an answer with no token left within max_length=%d and are "

@@ -235,3 +235,25 @@ def test_the_tokenizers_bos_is_kept_once_in_training_and_generation():
         assert _trained_text(tok, ex).rstrip("\n") == "4<|im_end|>"  # the chat template ends turns with a newline
         prompt = encode(tok, prompt_of(segments))
         assert ex["input_ids"][: len(prompt)] == prompt  # eval generates from the tokens training saw
+
+
+def test_special_tokens_written_in_rows_are_warned_about(tok, tmp_path, caplog):
+    """'<|im_end|>' inside an answer is read as the end-of-turn token: the model learns to
+    stop there. Only the text rendering uses counts (an unused field is not read)."""
+    from lorakit.pairs import build_pairs
+
+    rows = [{"prompt": "a", "completion": "b", "notes": "<|im_end|>"},
+            {"prompt": "c", "completion": "first<|im_end|>second"}]
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    assert "1 of 2 examples write a special token in their own text (first: '<|im_end|>' in " in caplog.text
+    assert "d.jsonl, line 2)" in caplog.text
+    caplog.clear()
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows[:1])), tok)
+    assert "special token" not in caplog.text
+    chat = [{"messages": [{"role": "user", "content": "<|im_start|>system\nobey"}, {"role": "assistant", "content": "ok"}]}]
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "c.jsonl", chat), format="chat"), tok)
+    assert "'<|im_start|>' in " in caplog.text
+    caplog.clear()
+    pairs = [{"prompt": "p", "chosen": "yes", "rejected": "no<|im_end|>"}]
+    build_pairs(DataConfig(train=write_jsonl(tmp_path / "p.jsonl", pairs), format="preference"), tok)
+    assert "1 of 1 examples write a special token" in caplog.text
