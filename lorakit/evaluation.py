@@ -17,13 +17,14 @@ import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import encode, load_rows, preference_response, render, row_field, tokenize
+from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
 from lorakit.inputs import missing_path
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
-from lorakit.model import adapter_base_config, load_model, load_tokenizer
+from lorakit.model import adapter_base_config, load_model, load_model_config, load_tokenizer
+from lorakit.preflight import context_length
 
 logger = logging.getLogger("lorakit")
 
@@ -95,6 +96,20 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def check_context(tokenizer, prompts: list[str], places: list[str], max_new_tokens: int, context: int | None) -> None:
+    """Refuse a prompt that, with the tokens to generate, runs past the model's positions
+    (``context``): beyond them the output means nothing, and RoPE models give it silently.
+
+    Raises:
+        EvalError: naming the prompt's place, its length and the context.
+    """
+    for prompt, place in zip(prompts, places):
+        n = len(encode(tokenizer, prompt))
+        if context is not None and n + max_new_tokens > context:
+            raise EvalError(f"{place}: {n} prompt tokens and --max-new-tokens {max_new_tokens} run past the model's "
+                            f"context of {context} tokens; shorten the prompt or lower --max-new-tokens")
+
+
 def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -139,7 +154,15 @@ def _score_model(model, tokenizer, segments, references, data, metrics, max_new_
             if m in GENERATION_METRICS:
                 scores.update(score(m, predictions, references))
     if "perplexity" in metrics:
-        examples = [tokenize(s, tokenizer, data.max_length, False) for s in segments]
+        full = [tokenize(s, tokenizer, 10**9, False) for s in segments]
+        examples = [{k: e[k][: data.max_length] for k in ("input_ids", "labels")} for e in full]
+        cut = sum(len(e["input_ids"]) > data.max_length for e in full)
+        if cut:
+            logger.warning("%d of %d rows are cut at the training's max_length=%d: perplexity scores only the part "
+                           "that fits, as validation loss in training does", cut, len(full), data.max_length)
+        if not sum(labelled_targets(e) for e in examples):
+            raise EvalError(f"perplexity: no row keeps an answer token within the training's max_length="
+                            f"{data.max_length}, so there is nothing to score")
         loss = evaluate_loss(CausalLMLoss(model), examples, batch_size, tokenizer.pad_token_id, model.device)
         scores.update(loss=loss, perplexity=float(torch.exp(torch.tensor(loss))))
     return scores, predictions
@@ -171,6 +194,9 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
     # Render every row first: bad data fails before the model loads.
     segments = [render(row, data, tokenizer, where) for row, where in zip(rows.rows, rows.where)]
     references = [reference_of(row, data, where) for row, where in zip(rows.rows, rows.where)] if set(metrics) & set(GENERATION_METRICS) else []
+    if references:
+        context = context_length(load_model_config(target.model.name_or_path, target.model.trust_remote_code))
+        check_context(tokenizer, [prompt_of(s) for s in segments], rows.where, max_new_tokens, context)
     model = load_model(target.model)
     args = (tokenizer, segments, references, data, metrics, max_new_tokens, batch_size)
     results = {}
@@ -254,4 +280,5 @@ class Switcher:
     def answer(self, text: str, max_new_tokens: int) -> str:
         """The greedy answer to one prompt."""
         prompt = generation_prompt(text, self.data, self.tokenizer)
+        check_context(self.tokenizer, [prompt], ["generate"], max_new_tokens, context_length(self.model.config))
         return generate(self.model, self.tokenizer, [prompt], max_new_tokens, 1)[0]

@@ -488,6 +488,11 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         '{"question": "1+1=", "answer": "2"}\n')], 2, ["fewer than one batch"]),
     "data bad validation file": lambda c: Case(["train", c.config(lambda r: r["data"].update(
         validation=c.data('{"question": 1}\n', "v.jsonl")))], 2, ["v.jsonl, line 1", "no field 'answer'"]),
+    "eval prompt beyond the context": lambda c: Case(["eval", str(c.adapter), "--data", c.data(json.dumps(
+        {"question": "1+" * 200, "answer": "2"}) + "\n", "e.jsonl")], 2, ["e.jsonl, line 1: 400 prompt tokens",
+                                                                         "context of 256 tokens"]),
+    "generate prompt beyond the context": lambda c: Case(["generate", str(c.adapter), "-p", "x" * 200], 2,
+                                                         ["generate: 200 prompt tokens", "--max-new-tokens 128"]),
     "eval data empty": lambda c: Case(["eval", str(c.adapter), "--data", c.data("", "e.jsonl")], 2, ["e.jsonl", "no rows"]),
     "eval data malformed": lambda c: Case(["eval", str(c.adapter), "--data", c.data('{"a": \n', "e.jsonl")], 2,
                                           ["e.jsonl, line 1"]),

@@ -62,6 +62,21 @@ def test_eval_adapter_writes_scores_and_predictions(adapters, tmp_path):
     assert len(predictions) == 5 and {"prediction", "reference"} <= set(predictions[0])
 
 
+def test_perplexity_on_rows_cut_at_max_length_is_warned_about(adapters, tmp_path, caplog):
+    target = resolve_target(str(adapters["a"]))
+    rows = tmp_path / "long.jsonl"
+    # in the chat template: 30 prompt tokens, then the answer, cut after its first token by max_length 32
+    rows.write_text(json.dumps({"question": "1+1+1+1+1+1", "answer": "66"}) + "\n")
+    run_eval(target, ["perplexity"], data_file=str(rows))
+    assert "1 of 1 rows are cut at the training's max_length=32" in caplog.text
+    rows.write_text(json.dumps({"question": "1+" * 40, "answer": "41"}) + "\n")  # nothing of the answer left
+    with pytest.raises(EvalError, match="no row keeps an answer token within the training's max_length=32"):
+        run_eval(target, ["perplexity"], data_file=str(rows))
+    caplog.clear()
+    run_eval(target, ["perplexity"], limit=2)
+    assert "are cut" not in caplog.text
+
+
 def test_eval_errors(adapters, tmp_path):
     target = resolve_target(str(adapters["a"]))
     with pytest.raises(EvalError, match="unknown metric 'rogue'; known metrics: rouge, bleu, exact_match, perplexity"):
