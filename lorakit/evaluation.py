@@ -19,6 +19,7 @@ from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
+from lorakit.files import atomic_file
 from lorakit.inputs import missing_path
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
@@ -212,10 +213,11 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
 
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "metrics.json").write_text(json.dumps({"data": source, "rows": len(rows), **results}, indent=2))
-        with open(output / "predictions.jsonl", "w") as f:
-            for i, prediction in enumerate(predictions):
-                f.write(json.dumps({"row": i, "prediction": prediction, "reference": references[i]}) + "\n")
+        with atomic_file(output / "predictions.jsonl") as tmp:  # a kill leaves the previous eval's files
+            tmp.write_text("".join(json.dumps({"row": i, "prediction": prediction, "reference": references[i]}) + "\n"
+                                   for i, prediction in enumerate(predictions)))
+        with atomic_file(output / "metrics.json") as tmp:
+            tmp.write_text(json.dumps({"data": source, "rows": len(rows), **results}, indent=2))
     return results
 
 

@@ -16,6 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorakit.files import atomic_file
+
 console = Console(stderr=True)
 METRICS = "metrics.jsonl"
 
@@ -67,7 +69,8 @@ class MetricsLog:
         if resume_step is not None and self.path.is_file():
             rows = [r for r in map(_record, self.path.read_text(errors="replace").splitlines())
                     if r is not None and r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with atomic_file(self.path) as tmp:  # a kill while rewriting keeps the earlier lines
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.history = rows
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -120,7 +120,8 @@ def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetun
         with atomic_file(done) as tmp:
             tmp.write_text(json.dumps(row, indent=2))
         rows.append(row)
-    (root / "sweep.json").write_text(json.dumps(rows, indent=2))
+    with atomic_file(root / "sweep.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2))
     return rows
 
 

@@ -457,3 +457,20 @@ def test_modules_to_save_containers_train_and_save_every_weight_inside(ids, tmp_
     assert (logits(back, ids) - logits(ours, ids)).abs().max() <= 1e-6
     theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "a").eval()
     assert (logits(theirs, ids) - logits(ours, ids)).abs().max() <= 1e-5
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    """eval's metrics.json and predictions.jsonl, sweep.json and a resumed run's metrics.jsonl
+    are written this way: a failure (or a kill) mid-write leaves the previous file."""
+    from lorakit.files import atomic_file
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
