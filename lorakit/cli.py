@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,6 +21,7 @@ import typer
 from pydantic import ValidationError
 
 from lorakit.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, InputError, LorakitError, TrainingInterrupted
+from lorakit.files import exclusive
 from lorakit.report import console, fail_message, note
 
 app = typer.Typer(
@@ -170,19 +172,22 @@ def train(
     if resume and overwrite:
         raise InputError("--resume continues the run in output_dir and --overwrite deletes it: choose one")
     cfg = _load(config, overrides)
-    if (num_processes > 1 or accelerate_config) and "LOCAL_RANK" not in os.environ:
-        from lorakit.launch import launch
+    with ExitStack() as held:
+        if "LOCAL_RANK" not in os.environ:  # this process launches the run (its workers have a rank)
+            held.enter_context(exclusive(Path(cfg.training.output_dir), "training.output_dir"))
+        if (num_processes > 1 or accelerate_config) and "LOCAL_RANK" not in os.environ:
+            from lorakit.launch import launch
 
-        args = [str(config), *(f"--set={o}" for o in overrides), *(["--resume"] if resume else []),
-                *(["--overwrite"] if overwrite else [])]
-        raise typer.Exit(launch(num_processes, args, str(accelerate_config) if accelerate_config else None))
-    _quiet_libraries()
-    from lorakit.train import train as run
+            args = [str(config), *(f"--set={o}" for o in overrides), *(["--resume"] if resume else []),
+                    *(["--overwrite"] if overwrite else [])]
+            raise typer.Exit(launch(num_processes, args, str(accelerate_config) if accelerate_config else None))
+        _quiet_libraries()
+        from lorakit.train import train as run
 
-    try:
-        result = run(cfg, resume=resume, overwrite=overwrite)
-    except TrainingInterrupted as e:
-        raise TrainingInterrupted(f"{e}. Continue with: lorakit train {config} --resume") from None
+        try:
+            result = run(cfg, resume=resume, overwrite=overwrite)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(f"{e}. Continue with: lorakit train {config} --resume") from None
     if result.main_process:
         note("adapter written to", result.adapter_dir)
 
@@ -343,8 +348,10 @@ def sweep(
     from lorakit.report import sweep_table
     from lorakit.sweep import plot_sweep, run_sweep
 
-    rows = run_sweep(config, overrides, grid, full_finetune, full_lr, [m.value for m in metric], limit, max_new_tokens)
     root = Path(cfg.training.output_dir) / "sweep"
+    with exclusive(root, "training.output_dir"):
+        rows = run_sweep(config, overrides, grid, full_finetune, full_lr, [m.value for m in metric], limit,
+                         max_new_tokens)
     sweep_table(rows, root / "sweep.json", plot_sweep(rows, "rouge1" if "rouge1" in rows[0] else "val_loss",
                                                       root / "sweep.png"))
 

@@ -5,6 +5,7 @@ models) is written under a temporary name beside its destination and renamed int
 so a kill at any moment leaves either the old version or the new one, never a mixture
 and never neither. A directory that replaces another is swapped in with two renames; if
 a kill falls between them, the next write (or ``recover_directory``) puts the old one back.
+A run holds its output directory's lock (``exclusive``), so that two never write there at once.
 """
 
 from __future__ import annotations
@@ -85,6 +86,36 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
+
+
+LOCK = ".lorakit.lock"
+
+
+@contextmanager
+def exclusive(directory: Path, key: str) -> Iterator[None]:
+    """Hold ``directory``'s lock for the block: a second lorakit process writing there is
+    refused instead of interleaving its checkpoints and adapter with this one's. The
+    operating system drops the lock when the process ends, however it ends.
+
+    Raises:
+        InputError: naming ``key`` and the directory, when another process holds it.
+    """
+    import fcntl
+
+    from lorakit.errors import InputError
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK, "a")  # noqa: SIM115 — closed below, after the block
+    except OSError as e:
+        raise InputError(f"{key}: cannot create {directory} ({e.strerror or e})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{key}: another lorakit process is writing to {directory}; wait for it to finish "
+                             "or choose another directory") from None
+        yield
 
 
 def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -474,3 +474,21 @@ def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic_file(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tiny_model_dir, tmp_path):
+    """Two runs in one output_dir would interleave checkpoints and adapters; the second is
+    refused while the first holds the directory, and runs once it is free."""
+    from lorakit.files import exclusive
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, tiny_model_dir, max_steps=1)))
+    with exclusive(tmp_path / "run", "training.output_dir"):  # as a run in another process holds it
+        result = runner.invoke(app, ["train", str(config)])
+        assert result.exit_code == 2, result.output
+        assert "training.output_dir: another lorakit process is writing to" in result.output
+        assert not (tmp_path / "run" / "adapter").exists()
+        sweep = runner.invoke(app, ["sweep", str(config), "--grid", "lora.r=2,4"])
+        assert sweep.exit_code == 0, sweep.output  # a sweep writes elsewhere (output_dir/sweep)
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 0 and (tmp_path / "run" / "adapter").is_dir(), result.output
