@@ -221,6 +221,13 @@ def _chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[st
                                 "trained turns exactly; give each row one trained assistant turn at the end")
             segments.append((text[len(done):], trained))
             done = text
+    at = 0
+    for number, message in enumerate(messages, 1):  # templates may trim a turn, but must not drop one
+        found = done.find(message["content"].strip(), at)
+        if found < 0:
+            raise DataError(f"{where}: the model's chat template leaves out message {number} ({message['role']}) "
+                            "or rewrites its text, so it would be neither seen nor trained as written")
+        at = found + len(message["content"].strip())
     return [s for s in segments if s[0]]
 
 

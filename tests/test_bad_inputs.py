@@ -182,18 +182,16 @@ def _no_chat_template(c: Ctx) -> str:
     return c.config(lambda r: (r["model"].update(name_or_path=str(plain)), r["data"].update(chat_template=True)))
 
 
-def _forgetful_chat_template(c: Ctx) -> str:
-    """A model whose chat template drops earlier assistant turns (as templates that strip
-    earlier reasoning do), with a two-exchange conversation to train on."""
-    forgetful = c.root / "forgetful"
-    shutil.copytree(c.model, forgetful)
-    (forgetful / "chat_template.jinja").write_text(
-        "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}<{{ m.role }}>{{ m.content }}{% endif %}"
+def _chat_template_case(c: Ctx, keeps: str, turns: list[tuple[str, str]]) -> str:
+    """A model whose chat template renders a message only when ``keeps`` (a Jinja test on
+    ``m`` and ``loop``) holds, and one conversation ``turns`` to train on."""
+    model = c.root / "templated"
+    shutil.copytree(c.model, model)
+    (model / "chat_template.jinja").write_text(
+        f"{{% for m in messages %}}{{% if {keeps} %}}<{{{{ m.role }}}}>{{{{ m.content }}}}{{% endif %}}"
         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    turns = [{"role": r, "content": t} for r, t in [("user", "1+1="), ("assistant", "2"),
-                                                      ("user", "2+2="), ("assistant", "4")]]
-    path = c.data(json.dumps({"messages": turns}) + "\n")
-    return c.config(lambda r: (r["model"].update(name_or_path=str(forgetful)),
+    path = c.data(json.dumps({"messages": [{"role": r, "content": t} for r, t in turns]}) + "\n")
+    return c.config(lambda r: (r["model"].update(name_or_path=str(model)),
                                r["data"].update(train=path, validation=None, format="chat")))
 
 
@@ -470,8 +468,13 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "data chat missing content": lambda c: Case(["data", "preview", c.with_data(json.dumps(
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}) + "\n", format="chat")], 2,
         ["line 1", "message 1", "content"]),
-    "data chat template that rewrites earlier turns": lambda c: Case(["data", "preview", _forgetful_chat_template(c)],
-                                                                     2, ["line 1", "before message 3", "exactly"]),
+    # A template that drops earlier assistant turns, as templates that strip earlier reasoning do.
+    "data chat template that rewrites earlier turns": lambda c: Case(["data", "preview", _chat_template_case(
+        c, "m.role != 'assistant' or loop.last", [("user", "1+1="), ("assistant", "2"), ("user", "2+2="),
+                                                  ("assistant", "4")])], 2, ["line 1", "before message 3", "exactly"]),
+    "data chat template that drops a message": lambda c: Case(["data", "preview", _chat_template_case(
+        c, "m.role != 'system'", [("system", "Be brief."), ("user", "1+1="), ("assistant", "2")])], 2,
+        ["line 1", "leaves out message 1 (system)"]),
     "data chat no assistant": lambda c: Case(["data", "preview", c.with_data(json.dumps(
         {"messages": [{"role": "user", "content": "hi"}]}) + "\n", format="chat")], 2, ["no assistant message"]),
     "data chat not a list": lambda c: Case(["data", "preview", c.with_data(json.dumps(
