@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
 from lorakit.files import atomic_file
-from lorakit.inputs import missing_path
+from lorakit.inputs import missing_path, template_fields
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
@@ -239,7 +238,7 @@ def generation_prompt(text: str, data: DataConfig | None, tokenizer) -> str:
     elif data.format == "text":
         return text
     else:
-        fields = {name for _, name, _, _ in string.Formatter().parse(data.prompt_template) if name}
+        fields = set(template_fields(data.prompt_template))
         template = data.prompt_template if len(fields) == 1 else "{prompt}"
         data = data.model_copy(update={"prompt_template": template})
         row = {(fields.pop() if len(fields) == 1 else "prompt"): text, data.completion_field: ""}
@@ -278,6 +277,10 @@ class Switcher:
         load_adapter(self.model, self.adapters[name])
         self.data = resolve_target(self.adapters[name]).data or self.data
         self.active = name
+        fields = template_fields(self.data.prompt_template) if self.data else []
+        if self.data and self.data.format in ("prompt_completion", "preference") and len(fields) > 1:
+            logger.warning("adapter %s was trained with prompt_template fields %s: one text cannot fill them, so each "
+                           "prompt is used whole; write it as the training prompts read", name, ", ".join(fields))
 
     def answer(self, text: str, max_new_tokens: int) -> str:
         """The greedy answer to one prompt."""

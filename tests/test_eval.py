@@ -2,14 +2,16 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from conftest import arithmetic_rows, tiny_config, write_jsonl
 from lorakit.cli import app
-from lorakit.config import validate_config
+from lorakit.config import SAVED_CONFIG, validate_config
 from lorakit.evaluation import EvalError, Switcher, generation_prompt, resolve_target, run_eval
 from lorakit.metrics import score
 from lorakit.train import train
@@ -116,6 +118,21 @@ def test_generation_prompt_follows_training_format(adapters):
 
     tok = load_tokenizer(target.model)
     assert generation_prompt("3+4=", target.data, tok) == "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_generate_says_when_a_prompt_cannot_fill_the_training_template(adapters, tmp_path, caplog):
+    """A template over two fields cannot be filled from one prompt: generate says it uses
+    the prompt whole (silent, it looked like the adapter had learned nothing)."""
+    two = tmp_path / "two"
+    shutil.copytree(adapters["a"], two)
+    saved = yaml.safe_load((two / SAVED_CONFIG).read_text())
+    saved["data"]["prompt_template"] = "{question} (from {source})"
+    (two / SAVED_CONFIG).write_text(yaml.safe_dump(saved))
+    Switcher(str(two), {})
+    assert "trained with prompt_template fields question, source: one text cannot fill them" in caplog.text
+    caplog.clear()
+    Switcher(str(adapters["a"]), {})
+    assert "cannot fill" not in caplog.text
 
 
 def test_switching_adapters_without_reloading(adapters):
