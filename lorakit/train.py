@@ -235,6 +235,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set = _datasets(cfg, tokenizer, world)
     dtype = resolve_dtype(cfg.model, cfg.trains_whole_weights)
+    if cfg.trains_whole_weights and dtype != torch.float32 and cfg.model.quantization is None and main:
+        logger.warning("model.dtype: %s with whole weights to train (full fine-tuning, bias or modules_to_save): the "
+                       "optimizer updates them in %s, which rounds away updates far smaller than the weights (a "
+                       "bfloat16 weight keeps 3 significant digits); use model.dtype auto or float32 (with "
+                       "training.mixed_precision: bf16 for speed)", cfg.model.dtype, cfg.model.dtype)
     model = load_model(cfg.model.model_copy(update={"dtype": DTYPE_NAMES[dtype]}), accelerator.device)
     if cfg.method == "full":
         model.requires_grad_(True)

@@ -342,3 +342,14 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_model_dir, tmp_path, c
     caplog.clear()
     _run(tiny_config(tmp_path, tiny_model_dir, max_steps=2, warmup_steps=1, output_dir=str(tmp_path / "b")))
     assert "warmup_steps" not in caplog.text
+
+
+def test_whole_weights_trained_in_bfloat16_are_warned_about(tiny_model_dir, tmp_path, caplog):
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=1)
+    raw["model"]["dtype"], raw["lora"]["bias"] = "bfloat16", "all"
+    _run(raw)
+    assert "model.dtype: bfloat16 with whole weights to train" in caplog.text
+    caplog.clear()
+    raw["model"]["dtype"], raw["training"]["output_dir"] = "auto", str(tmp_path / "auto")
+    _run(raw)  # auto keeps whole weights in float32
+    assert "whole weights" not in caplog.text
