@@ -312,6 +312,8 @@ def generate(
     from lorakit.evaluation import Switcher
 
     switcher = Switcher(target, named, use, trust_remote_code, dtype.value)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the check as text, not as a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     for line in prompt or (line.rstrip("\n") for line in sys.stdin):
         if line.startswith(":use "):
             try:  # a typo in an interactive session must not end it

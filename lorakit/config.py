@@ -19,8 +19,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       model_validator)
 from pydantic.dataclasses import dataclass
 
-from lorakit.errors import ConfigError
-from lorakit.inputs import check_regex, looks_local, missing_path, template_fields
+from lorakit.errors import ConfigError, InputError
+from lorakit.inputs import check_regex, check_unicode, looks_local, missing_path, template_fields
 
 DEFAULT_MODEL = "default"
 # Limits that keep a hostile config file from exhausting memory or time.
@@ -448,12 +448,29 @@ def _objective_problems(raw: dict, config: Config) -> list[str]:
     return problems
 
 
+def _text_problems(raw: dict) -> list[str]:
+    """Lone surrogates (YAML's ``"\\ud800"``) anywhere in the config, by key."""
+    problems = []
+    for section, body in raw.items():
+        items = body.items() if isinstance(body, dict) else [(None, body)]
+        for key, value in items:
+            try:
+                check_unicode({key: value} if key is not None else value,
+                              f"{section}.{key}" if key is not None else str(section))
+            except InputError as e:
+                problems.append(str(e))
+    return problems
+
+
 def validate_config(raw: dict, source: str) -> Config:
     """Turn a raw dict into a ``Config``, or raise ``ConfigError`` listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
     if "lora" in raw and raw["lora"] is None:  # `lora: null` (or --set lora=null): no lora section
         raw = {k: v for k, v in raw.items() if k != "lora"}
+    problems = _text_problems(raw)
+    if problems:  # text that is no text breaks every later check
+        raise ConfigError(source, problems)
     problems = _file_problems(raw)
     try:
         config = Config.model_validate(raw)

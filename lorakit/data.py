@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import DataConfig, TrainingConfig
-from lorakit.inputs import DuplicateKey, looks_local, strict_json, strict_json_array, template_fields
+from lorakit.inputs import DuplicateKey, check_unicode, looks_local, strict_json, strict_json_array, template_fields
 from lorakit.errors import DataError
 
 logger = logging.getLogger("lorakit")
@@ -85,6 +85,7 @@ def _json_rows(text: str, source: str, lines_only: bool) -> Rows:
     for row, at in zip(rows, where):
         if not isinstance(row, dict):
             raise DataError(f"{at}: expected a JSON object with named fields, got {type(row).__name__}")
+        check_unicode(row, at)
     return Rows(rows, where)
 
 

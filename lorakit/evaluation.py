@@ -19,7 +19,7 @@ from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
 from lorakit.files import atomic_file
-from lorakit.inputs import missing_path, template_fields
+from lorakit.inputs import check_unicode, missing_path, template_fields
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
@@ -284,6 +284,7 @@ class Switcher:
 
     def answer(self, text: str, max_new_tokens: int) -> str:
         """The greedy answer to one prompt."""
+        check_unicode(text, "generate")
         prompt = generation_prompt(text, self.data, self.tokenizer)
         check_context(self.tokenizer, [prompt], ["generate"], max_new_tokens, context_length(self.model.config))
         return generate(self.model, self.tokenizer, [prompt], max_new_tokens, 1)[0]

@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from lorakit.errors import InputError
+
 
 def _has_branch(parsed, c) -> bool:
     for op, arg in parsed:
@@ -186,3 +188,26 @@ def strict_json_array(text: str) -> list[tuple[object, int]]:
     if text[ws.match(text, at).end():]:
         raise json.JSONDecodeError("extra data after the array", text, ws.match(text, at).end())
     return items
+
+
+def check_unicode(value, where: str) -> None:
+    """Refuse lone surrogates in ``value``'s text (JSON's ``"\\ud800"``, bytes that are not
+    UTF-8 in a command-line argument): they are no character, so no tokenizer reads them.
+
+    Raises:
+        InputError: naming ``where`` and the text around the surrogate.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"{where}: the text {value[max(0, e.start - 20) : e.end + 20]!r} holds a lone "
+                             "surrogate (an escape such as \\ud800 without its pair, or bytes that are not "
+                             "UTF-8), which is no character") from None
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            check_unicode(key, where)
+            check_unicode(inner, where)
+    elif isinstance(value, list):
+        for inner in value:
+            check_unicode(inner, where)

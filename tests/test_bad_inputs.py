@@ -496,6 +496,13 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                                                          "context of 256 tokens"]),
     "generate prompt beyond the context": lambda c: Case(["generate", str(c.adapter), "-p", "x" * 200], 2,
                                                          ["generate: 200 prompt tokens", "--max-new-tokens 128"]),
+    "config lone surrogate": lambda c: Case(["train", c.config(text=yaml.safe_dump(tiny_config(c.root, c.model)).replace(
+        "prompt_template: '{question}'", 'prompt_template: "\\ud800{question}"'))], 2,
+        ["data.prompt_template", "lone surrogate"]),
+    "data json lone surrogate": lambda c: Case(["data", "preview", c.with_data(
+        '{"question": "1+1=\\ud800", "answer": "2"}\n')], 2, ["d.jsonl, line 1", "lone surrogate"]),
+    "generate prompt bytes not utf-8": lambda c: Case(["generate", str(c.adapter), "-p", "x\udcff"], 2,
+                                                      ["generate:", "lone surrogate"]),
     "eval data empty": lambda c: Case(["eval", str(c.adapter), "--data", c.data("", "e.jsonl")], 2, ["e.jsonl", "no rows"]),
     "eval data malformed": lambda c: Case(["eval", str(c.adapter), "--data", c.data('{"a": \n', "e.jsonl")], 2,
                                           ["e.jsonl, line 1"]),
