@@ -12,6 +12,7 @@ import contextvars
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ def _json_rows(text: str, source: str, lines_only: bool) -> Rows:
             where = [f"{source}, row {i + 1} (line {line})" for i, (_, line) in enumerate(items)]
         else:  # JSON Lines
             rows, where = [], []
-            for number, line in enumerate(text.splitlines(), 1):
+            # Lines end at \n, \r\n or \r only: U+2028 and U+0085 may stand unescaped inside JSON strings.
+            for number, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
                 if not line.strip():
                     continue
                 try:
@@ -193,11 +195,12 @@ def _check_messages(messages, where: str) -> list[dict]:
     return messages
 
 
-def _chat(tokenizer, messages: list[dict], **kw) -> str:
+def _chat(tokenizer, messages: list[dict], where: str, **kw) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
     except Exception as e:  # noqa: BLE001 — a template may raise anything (jinja's own errors included)
-        raise DataError(f"the model's chat template cannot render these messages: {type(e).__name__}: {e}") from None
+        raise DataError(f"{where}: the model's chat template cannot render these messages: "
+                        f"{type(e).__name__}: {e}") from None
 
 
 def _chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
@@ -210,11 +213,14 @@ def _chat_segments(tokenizer, messages: list[dict], where: str) -> list[tuple[st
     Raises:
         DataError: naming the row and the message where the renderings part.
     """
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: message 1 is the assistant's, with no turn before it to answer; start with a "
+                        "user (or system) message")
     segments, done = [], ""
     for i, message in enumerate(messages):
         assistant = message["role"] == "assistant"
-        renders = [(_chat(tokenizer, messages[:i], add_generation_prompt=True), False)] if assistant else []
-        renders.append((_chat(tokenizer, messages[: i + 1]), assistant))
+        renders = [(_chat(tokenizer, messages[:i], where, add_generation_prompt=True), False)] if assistant else []
+        renders.append((_chat(tokenizer, messages[: i + 1], where), assistant))
         for text, trained in renders:
             if not text.startswith(done):
                 raise DataError(f"{where}: the model's chat template renders the conversation before message {i + 1} "
@@ -249,7 +255,7 @@ def render(row: dict, cfg: DataConfig, tokenizer, where: str = "data") -> list[t
     if cfg.format == "chat":
         return _chat_segments(tokenizer, _check_messages(row.get("messages"), where), where)
     if cfg.format == "alpaca":
-        extra = row.get("input") or ""
+        extra = row_field(row, "input", where) if row.get("input") not in (None, "") else ""
         prompt = ALPACA.format(
             ctx=", paired with an input that provides further context" if extra else "",
             instruction=row_field(row, "instruction", where),

@@ -82,8 +82,8 @@ def template_fields(template: str) -> list[str]:
     """The row fields a prompt template names, in order.
 
     Only plain ``{field}`` placeholders are allowed (``{{`` and ``}}`` are literal braces):
-    positional ``{0}``, attribute ``{a.b}`` and index ``{a[0]}`` access are refused, so a
-    template can read a row's fields and nothing else.
+    positional ``{0}``, attribute ``{a.b}`` and index ``{a[0]}`` access and conversions
+    (``{a!r}``) are refused, so a template can read a row's fields as text and nothing else.
 
     Raises:
         ValueError: naming the bad placeholder.
@@ -95,11 +95,13 @@ def template_fields(template: str) -> list[str]:
     except ValueError as e:
         raise ValueError(f"{e} (write {{{{ and }}}} for literal braces)") from None
     names = []
-    for _, name, spec, _ in parsed:
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if not name or name.isdigit() or any(c in name for c in ".[]"):
             raise ValueError(f"placeholder {{{name}}} is not a field name: use {{field}} with a column of the data")
+        if conversion:  # !r would train Python's repr: quotes and escapes around the text
+            raise ValueError(f"placeholder {{{name}!{conversion}}} converts the field; write {{{name}}}")
         if spec and "{" in spec:
             raise ValueError(f"placeholder {{{name}:{spec}}} nests another placeholder")
         names.append(name)
@@ -155,7 +157,10 @@ _STRICT_TEXT = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=str,
 def strict_json(text: str, numbers_as_text: bool = False) -> object:
     """``json.loads`` that raises ``DuplicateKey`` for an object giving a key twice;
     ``numbers_as_text`` keeps numbers as the text the file wrote them in."""
-    return (_STRICT_TEXT if numbers_as_text else _STRICT).decode(text)
+    try:
+        return (_STRICT_TEXT if numbers_as_text else _STRICT).decode(text)
+    except RecursionError:  # Python's decoder recurses per level of nesting
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
 
 def strict_json_array(text: str) -> list[tuple[object, int]]:
@@ -180,6 +185,8 @@ def strict_json_array(text: str) -> list[tuple[object, int]]:
             item, at = _STRICT_TEXT.raw_decode(text, at)
         except DuplicateKey as e:
             raise DuplicateKey(e.args[0], line) from None
+        except RecursionError:
+            raise json.JSONDecodeError("nested too deeply", text, at) from None
         items.append((item, line))
         at = ws.match(text, at).end()
         if text[at : at + 1] not in (",", "]"):

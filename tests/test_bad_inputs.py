@@ -276,6 +276,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         lambda r: r["data"].update(prompt_template="{question[0]}"))], 2, ["data.prompt_template"]),
     "config template brace": lambda c: Case(["train", c.config(
         lambda r: r["data"].update(prompt_template="{question"))], 2, ["data.prompt_template"]),
+    "config template conversion": lambda c: Case(["train", c.config(
+        lambda r: r["data"].update(prompt_template="Q: {question!r}"))], 2, ["data.prompt_template", "{question!r}"]),
     "config train missing": lambda c: Case(["train", c.config(lambda r: r["data"].update(train="nope.jsonl"))], 2,
                                            ["data.train", "no such file or directory", "nope.jsonl"]),
     "config validation missing": lambda c: Case(["train", c.config(
@@ -499,6 +501,15 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "config lone surrogate": lambda c: Case(["train", c.config(text=yaml.safe_dump(tiny_config(c.root, c.model)).replace(
         "prompt_template: '{question}'", 'prompt_template: "\\ud800{question}"'))], 2,
         ["data.prompt_template", "lone surrogate"]),
+    "data json nested too deeply": lambda c: Case(["data", "preview", c.with_data(
+        '{"question": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "2"}\n')], 2, ["d.jsonl, line 1",
+                                                                                    "nested too deeply"]),
+    "data chat starts with the assistant": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": [{"role": "assistant", "content": "hi"}]}) + "\n", format="chat")], 2,
+        ["line 1", "message 1 is the assistant's"]),
+    "data alpaca input a list": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"instruction": "add", "input": ["1", "2"], "output": "3"}) + "\n", format="alpaca")], 2,
+        ["line 1", "field 'input' holds a list"]),
     "data json lone surrogate": lambda c: Case(["data", "preview", c.with_data(
         '{"question": "1+1=\\ud800", "answer": "2"}\n')], 2, ["d.jsonl, line 1", "lone surrogate"]),
     "generate prompt bytes not utf-8": lambda c: Case(["generate", str(c.adapter), "-p", "x\udcff"], 2,

@@ -1,5 +1,7 @@
 """Rendering and prompt masking: loss only where the config says, EOS always taught."""
 
+import json
+
 import pytest
 
 from conftest import byte_tokenizer, write_jsonl
@@ -257,3 +259,15 @@ def test_special_tokens_written_in_rows_are_warned_about(tok, tmp_path, caplog):
     pairs = [{"prompt": "p", "chosen": "yes", "rejected": "no<|im_end|>"}]
     build_pairs(DataConfig(train=write_jsonl(tmp_path / "p.jsonl", pairs), format="preference"), tok)
     assert "1 of 1 examples write a special token" in caplog.text
+
+
+def test_json_lines_end_only_at_line_breaks(tmp_path):
+    """U+2028 and U+0085 may stand unescaped inside JSON strings (str.splitlines would cut
+    the row there); \\r\\n and a lone \\r end lines as \\n does."""
+    from lorakit.data import load_rows
+
+    rows = [{"q": "a\u2028b\u0085c", "a": "1"}, {"q": "x", "a": "2"}, {"q": "y", "a": "3"}]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    (tmp_path / "d.jsonl").write_text(lines[0] + "\r\n" + lines[1] + "\r" + lines[2] + "\n", newline="")
+    loaded = load_rows(str(tmp_path / "d.jsonl"))
+    assert loaded.rows == rows and loaded.where[2].endswith("line 3")
