@@ -107,6 +107,30 @@ def _refusals(peft: dict) -> list[str]:
     return problems
 
 
+# PEFT task types whose models are not causal language models (another head or architecture).
+_OTHER_TASKS = {"SEQ_CLS": "sequence classifier", "TOKEN_CLS": "token classifier",
+                "QUESTION_ANS": "question-answering model", "SEQ_2_SEQ_LM": "sequence-to-sequence model"}
+# JSON types of the keys whose value lorakit computes with: PEFT uses them as Python reads
+# them, so "false" would be true there and "8" an error; any other type is refused.
+_JSON_TYPES = {"r": int, "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": bool,
+               "use_dora": bool}
+
+
+def _type_problems(peft: dict) -> list[str]:
+    """Values of ``peft`` whose JSON type is not the one PEFT computes with."""
+    def fits(value, types) -> bool:
+        return isinstance(value, types) and (types is bool or not isinstance(value, bool))
+
+    problems = [f"{key}: {peft[key]!r} is not a JSON {'true/false' if types is bool else 'number'}"
+                for key, types in _JSON_TYPES.items() if peft.get(key) is not None and not fits(peft[key], types)]
+    for key, types in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = peft.get(key)
+        if isinstance(pattern, dict):
+            problems += [f"{key}: {name!r}: {value!r} is not a JSON number" for name, value in pattern.items()
+                         if not fits(value, types)]
+    return problems
+
+
 def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
     """The ``LoraConfig`` an ``adapter_config.json`` describes.
 
@@ -118,9 +142,15 @@ def config_from_peft(peft: dict, source: str = CONFIG_NAME) -> LoraConfig:
         raise LoraError(f"{source}: expected a JSON object, got {type(peft).__name__}")
     if peft.get("peft_type") != "LORA":
         raise LoraError(f"{source}: peft_type is {peft.get('peft_type')!r}; only LORA adapters load")
+    if peft.get("task_type") in _OTHER_TASKS:
+        raise LoraError(f"{source}: task_type {peft['task_type']} is an adapter for a {_OTHER_TASKS[peft['task_type']]}, "
+                        "whose head and outputs a causal language model does not have; lorakit adapts causal LMs")
     problems = _refusals(peft)
     if problems:
         raise LoraError(f"{source}: lorakit cannot load this adapter exactly:\n  - " + "\n  - ".join(problems))
+    problems = _type_problems(peft)
+    if problems:
+        raise LoraError(f"{source}: invalid values:\n  - " + "\n  - ".join(problems))
     if not peft.get("target_modules"):
         raise LoraError(f"{source}: no target_modules, so which layers the adapter belongs to is unknown")
     layers = peft.get("layers_to_transform")

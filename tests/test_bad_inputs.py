@@ -583,6 +583,15 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         (c.adapter / "adapter_config.json").write_text("[1, 2]"),
         Case(["eval", str(c.adapter)], 2, ["expected a JSON object"]))[1],
     "adapter not lora": lambda c: Case(["inspect", c.peft(peft_type="IA3")], 2, ["peft_type is 'IA3'"]),
+    "adapter for a classifier": lambda c: Case(["eval", c.peft(task_type="SEQ_CLS"), "--limit", "1"], 2,
+                                               ["task_type SEQ_CLS", "sequence classifier"]),
+    # PEFT reads JSON values as Python does: "false" would be true there, "8" an error.
+    "adapter boolean as text": lambda c: Case(["eval", c.peft(use_rslora="false"), "--limit", "1"], 2,
+                                              ["use_rslora: 'false' is not a JSON true/false"]),
+    "adapter alpha as text": lambda c: Case(["merge", c.peft(lora_alpha="8"), "-o", str(c.root / "m")], 2,
+                                            ["lora_alpha: '8' is not a JSON number"]),
+    "adapter rank_pattern value as text": lambda c: Case(["inspect", c.peft(rank_pattern={"q_proj": "4"})], 2,
+                                                         ["rank_pattern: 'q_proj': '4' is not a JSON number"]),
     "adapter dora without magnitudes": lambda c: Case(["merge", c.peft(use_dora=True), "-o", str(c.root / "m")], 2,
                                                       ["does not fit", "lora_magnitude_vector"]),
     "adapter magnitudes without dora": lambda c: Case(["eval", c.tensors(lambda s: s.__setitem__(
