@@ -48,18 +48,31 @@ def parse_grid(grids: list[str]) -> list[tuple[str, list]]:
     """``["lora.r=4,8", "training.lr=2e-4,1e-3"]`` → ``[("lora.r", [4, 8]), ("training.lr", [2e-4, 1e-3])]``.
 
     Raises:
-        ConfigError: for an entry without ``=``, without values, or with a value that is
-            not valid YAML (a key given twice included).
+        ConfigError: for an entry without ``=``, without values, with a value that is
+            not valid YAML (a key given twice included) or given twice, for a key already
+            in the grid, and for ``training.output_dir`` (the sweep sets it per point).
     """
     parsed = []
     for item in grids:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not _split_values(values):
             raise ConfigError("--grid", [f"--grid {item!r}: expected KEY=V1,V2,..., e.g. lora.r=4,8,16"])
+        key = key.strip()
         try:
-            parsed.append((key.strip(), [_value(v) for v in _split_values(values)]))
+            values = [_value(v) for v in _split_values(values)]
         except ValueError as e:
             raise ConfigError("--grid", [f"--grid {item!r}: a value is not valid YAML ({e})"]) from None
+        twice = next((json.dumps(v) for i, v in enumerate(values) if v in values[:i]), None)
+        if key == "training.output_dir":  # each point's is output_dir/sweep/<point>
+            problem = "the sweep sets each point's output_dir itself; choose the sweep's with --set"
+        elif key in (k for k, _ in parsed):
+            problem = f"{key} is already a grid key; give all its values in one --grid"
+        elif twice is not None:
+            problem = f"the value {twice} is given twice"
+        else:
+            parsed.append((key, values))
+            continue
+        raise ConfigError("--grid", [f"--grid {item!r}: {problem}"])
     return parsed
 
 
