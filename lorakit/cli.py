@@ -415,7 +415,7 @@ def plan(
 def inspect_command(
     adapter: Path = typer.Argument(..., help="An adapter directory (lorakit's or PEFT's)."),
     base: Optional[str] = typer.Option(None, help="Check the adapter against this base model (config only)."),
-    plot: Optional[Path] = typer.Option(None, help="Draw per-layer update norms and spectra to this PNG."),
+    plot: Optional[Path] = typer.Option(None, help="Draw per-layer update norms and spectra to this .png, .svg or .pdf file."),
 ) -> None:
     """Show an adapter's files, shapes and settings, and the rank its updates really use.
 
@@ -424,6 +424,8 @@ def inspect_command(
     """
     if plot and not plot.expanduser().absolute().parent.is_dir():
         raise InputError(f"--plot {plot}: its directory does not exist")
+    if plot and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"--plot {plot}: name a .png, .svg or .pdf file (the picture's format follows the name)")
     _quiet_libraries()
     from lorakit.adapter_report import inspect_adapter, plot_report
     from lorakit.report import inspect_tables

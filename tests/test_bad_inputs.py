@@ -541,6 +541,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "inspect not an adapter": lambda c: Case(["inspect", str(c.root)], 2, ["no adapter_config.json"]),
     "inspect plot nowhere": lambda c: Case(["inspect", str(c.adapter), "--plot", "/nonexistent/p.png"], 2,
                                            ["--plot", "does not exist"]),
+    "inspect plot onto the adapter": lambda c: Case(["inspect", str(c.adapter), "--plot",
+                                                     str(c.adapter / "adapter_model.safetensors")], 2,
+                                                    ["--plot", "name a .png"],
+                                                    intact=[c.adapter / "adapter_model.safetensors"]),
     "train output_dir cannot be created": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(output_dir="/proc/lorakit-run"))], 2, ["training.output_dir", "cannot"]),
     "train output_dir replaces the init_from adapter": lambda c: Case(["train", c.config(lambda r: (
