@@ -293,16 +293,19 @@ def _row_texts(row: dict, cfg: DataConfig) -> list[str]:
     return [text for key in keys for text in contents(row.get(key))]
 
 
-def special_token_in(row: dict, cfg: DataConfig, specials: list[str]) -> str | None:
-    """The first special token (``specials``: their texts) written inside the row's own
-    text: the tokenizer reads it as that token, not as text."""
-    return next((token for text in _row_texts(row, cfg) for token in specials if token in text), None)
+def special_token_in(row: dict, cfg: DataConfig, specials: re.Pattern | None) -> str | None:
+    """The first special token (``specials``, from ``special_tokens``) written inside the
+    row's own text: the tokenizer reads it as that token, not as text."""
+    found = (specials.search(text) for text in _row_texts(row, cfg)) if specials else ()
+    return next((match.group() for match in found if match), None)
 
 
-def special_texts(tokenizer) -> list[str]:
-    """The texts the tokenizer reads as special tokens (EOS, chat markers)."""
+def special_tokens(tokenizer) -> re.Pattern | None:
+    """One pattern for the texts the tokenizer reads as special tokens (EOS, chat markers;
+    thousands in some vocabularies), or None when it has none."""
     added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    return sorted(added | set(tokenizer.all_special_tokens))
+    texts = sorted(added | set(tokenizer.all_special_tokens), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
 def preference_response(row: dict, key: str, where: str) -> str:
@@ -416,7 +419,7 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     examples, lengths, splits, specials = [], [], [], []
     over = cut = trained = total = 0
     eos_trained = False
-    special = special_texts(tokenizer)
+    special = special_tokens(tokenizer)
     for row, where in zip(rows.rows, rows.where):
         full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt)
         if "split" in full:

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from lorakit.config import DataConfig
-from lorakit.data import (IGNORE, answer_warnings, collate, load_rows, render_preference, special_texts,
+from lorakit.data import (IGNORE, answer_warnings, collate, load_rows, render_preference, special_tokens,
                           special_token_in, tokenize)
 from lorakit.errors import DataError
 
@@ -32,7 +32,7 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
     source = cfg.train if split == "train" else cfg.validation
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
     pairs, splits, specials, dropped, truncated, identical = [], [], [], 0, 0, 0
-    special = special_texts(tokenizer)
+    special = special_tokens(tokenizer)
     for row, where in zip(rows.rows, rows.where):
         pair, shared = {}, []
         if token := special_token_in(row, cfg, special):
