@@ -5,10 +5,10 @@ fine-tuning), ``optimizer.safetensors`` (the whole optimizer state's tensors, ke
 parameter name; gathered from the shards under FSDP), one ``rng-<rank>.safetensors`` per
 process, and ``state.json``: step (which fixes the data position), the optimizer's other
 settings, scheduler, process count, config fingerprint, the training data's fingerprint
-and the SHA-256 of every other file. Nothing in it is a pickle. It is written under a temporary name and renamed, so
-a kill at any moment leaves the previous checkpoint intact; a file damaged later (a
-truncated copy, a bad disk) is caught by its checksum, and resuming falls back to the
-newest intact checkpoint.
+and the SHA-256 of every other file. Nothing in it is a pickle. It is written under a
+temporary name and renamed, so a kill at any moment leaves the previous checkpoint
+intact; a file damaged later (a truncated copy, a bad disk) is caught by its checksum,
+and resuming falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations

@@ -172,10 +172,11 @@ def train(
     if resume and overwrite:
         raise InputError("--resume continues the run in output_dir and --overwrite deletes it: choose one")
     cfg = _load(config, overrides)
+    launcher = "LOCAL_RANK" not in os.environ  # this process starts the run (its workers have a rank)
     with ExitStack() as held:
-        if "LOCAL_RANK" not in os.environ:  # this process launches the run (its workers have a rank)
+        if launcher:
             held.enter_context(exclusive(Path(cfg.training.output_dir), "training.output_dir"))
-        if (num_processes > 1 or accelerate_config) and "LOCAL_RANK" not in os.environ:
+        if launcher and (num_processes > 1 or accelerate_config):
             from lorakit.launch import launch
 
             args = [str(config), *(f"--set={o}" for o in overrides), *(["--resume"] if resume else []),

@@ -452,11 +452,9 @@ def _text_problems(raw: dict) -> list[str]:
     """Lone surrogates (YAML's ``"\\ud800"``) anywhere in the config, by key."""
     problems = []
     for section, body in raw.items():
-        items = body.items() if isinstance(body, dict) else [(None, body)]
-        for key, value in items:
+        for key, value in body.items() if isinstance(body, dict) else [(None, body)]:
             try:
-                check_unicode({key: value} if key is not None else value,
-                              f"{section}.{key}" if key is not None else str(section))
+                check_unicode([section, key, value], str(section) if key is None else f"{section}.{key}")
             except InputError as e:
                 problems.append(str(e))
     return problems

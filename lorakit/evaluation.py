@@ -103,9 +103,11 @@ def check_context(tokenizer, prompts: list[str], places: list[str], max_new_toke
     Raises:
         EvalError: naming the prompt's place, its length and the context.
     """
+    if context is None:  # the model does not say
+        return
     for prompt, place in zip(prompts, places):
         n = len(encode(tokenizer, prompt))
-        if context is not None and n + max_new_tokens > context:
+        if n + max_new_tokens > context:
             raise EvalError(f"{place}: {n} prompt tokens and --max-new-tokens {max_new_tokens} run past the model's "
                             f"context of {context} tokens; shorten the prompt or lower --max-new-tokens")
 
