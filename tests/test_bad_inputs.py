@@ -479,6 +479,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "data chat template that rewrites earlier turns": lambda c: Case(["data", "preview", _chat_template_case(
         c, "m.role != 'assistant' or loop.last", [("user", "1+1="), ("assistant", "2"), ("user", "2+2="),
                                                   ("assistant", "4")])], 2, ["line 1", "before message 3", "exactly"]),
+    "data chat template that raises": lambda c: Case(["data", "preview", _chat_template_case(
+        c, "m.role != 'system' or raise_exception('no system turns')", [("system", "Be brief."), ("user", "1+1="),
+                                                                         ("assistant", "2")])], 2,
+        ["line 1: the model's chat template cannot render these messages", "no system turns"]),
     "data chat template that drops a message": lambda c: Case(["data", "preview", _chat_template_case(
         c, "m.role != 'system'", [("system", "Be brief."), ("user", "1+1="), ("assistant", "2")])], 2,
         ["line 1", "leaves out message 1 (system)"]),
