@@ -25,8 +25,8 @@ import torch
 
 from lorakit.adapter_io import load_adapter, save_adapter
 from lorakit.config import Config, config_to_dict
-from lorakit.errors import ResumeError, TrainingError
-from lorakit.files import atomic_directory, temporary_path
+from lorakit.errors import InputError, ResumeError, TrainingError
+from lorakit.files import atomic_directory, check_replaceable, temporary_path
 from lorakit.inject import lora_modules
 from lorakit.sharding import load_optimizer_state, optimizer_state, whole_parameters
 
@@ -175,6 +175,22 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+
+
+def check_deletable(root: Path, key: str) -> None:
+    """Refuse to delete a run's checkpoints directory that holds anything lorakit did not
+    write there: entries other than its checkpoints (and their half-written versions), or
+    files a checkpoint's manifest does not list.
+
+    Raises:
+        InputError: naming ``key`` and what would be lost.
+    """
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.is_dir() and re.fullmatch(r"\.?step-\d+(\.tmp|\.old)?", entry.name):
+            check_replaceable(entry, key)
+        else:
+            raise InputError(f"{key}: {root} holds {entry.name}, which lorakit did not write; deleting the "
+                             "checkpoints would delete it. Move it away or choose another output_dir")
 
 
 def damage(path: Path) -> str | None:

@@ -356,14 +356,31 @@ def bos_of(tokenizer) -> list[int]:
     return [] if tokenizer("a", add_special_tokens=False)["input_ids"][:1] == [bos] else [bos]
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """The token ids of a rendered prompt, as training sees them (``bos_of``)."""
+def _check_ids(ids: list[int], tokenizer, where: str) -> None:
+    """Refuse a token past the model's embedding rows (``embedding_rows``, recorded by
+    ``lorakit.model.load_tokenizer`` when the tokenizer has more tokens than the model)."""
+    rows = getattr(tokenizer, "embedding_rows", None)
+    if rows is not None and ids and max(ids) >= rows:
+        token = max(ids)
+        raise DataError(f"{where}: its text holds the token {tokenizer.decode([token])!r} (id {token}), past the "
+                        f"model's {rows} embedding rows (the tokenizer has {len(tokenizer)} tokens): the model has "
+                        "no embedding for it; leave that text out or use the tokenizer the model was trained with")
+
+
+def encode(tokenizer, text: str, where: str = "prompt") -> list[int]:
+    """The token ids of a rendered prompt, as training sees them (``bos_of``).
+
+    Raises:
+        DataError: a token the model has no embedding for, naming ``where``.
+    """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    _check_ids(ids, tokenizer, where)
     bos = bos_of(tokenizer)
     return ids if ids[: len(bos)] == bos else bos + ids
 
 
-def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool) -> dict:
+def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool,
+             where: str = "data") -> dict:
     """Token ids and labels; a token is trained when it starts inside a trained segment.
 
     The tokenizer's BOS is put first when the text lacks it (``bos_of``), as context.
@@ -371,6 +388,9 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train
     (a prompt ending in a space: ``" yes"``), that token stays context and the example
     gets ``"split"``, the token's text, so that callers can warn: the answer's start is
     not trained, and generation from the prompt alone sees other tokens.
+
+    Raises:
+        DataError: a token the model has no embedding for, naming ``where``.
     """
     text = "".join(s for s, _ in segments)
     spans, start = [], 0
@@ -383,6 +403,7 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train
         start = end
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    _check_ids(ids, tokenizer, where)
     labels = [tok if any(a <= begin < b for a, b in spans) else IGNORE for tok, (begin, _) in zip(ids, offsets)]
     bos = bos_of(tokenizer)
     if bos and ids[:1] != bos:
@@ -421,7 +442,7 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     eos_trained = False
     special = special_tokens(tokenizer)
     for row, where in zip(rows.rows, rows.where):
-        full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt)
+        full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt, where)
         if "split" in full:
             splits.append((where, full.pop("split")))
         if token := special_token_in(row, cfg, special):

@@ -102,12 +102,11 @@ def check_context(tokenizer, prompts: list[str], places: list[str], max_new_toke
 
     Raises:
         EvalError: naming the prompt's place, its length and the context.
+        DataError: a prompt token the model has no embedding for.
     """
-    if context is None:  # the model does not say
-        return
     for prompt, place in zip(prompts, places):
-        n = len(encode(tokenizer, prompt))
-        if n + max_new_tokens > context:
+        n = len(encode(tokenizer, prompt, place))  # also refuses tokens the model has no embedding for
+        if context is not None and n + max_new_tokens > context:
             raise EvalError(f"{place}: {n} prompt tokens and --max-new-tokens {max_new_tokens} run past the model's "
                             f"context of {context} tokens; shorten the prompt or lower --max-new-tokens")
 
@@ -148,7 +147,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return [outputs[i].strip() for i in range(len(prompts))]
 
 
-def _score_model(model, tokenizer, segments, references, data, metrics, max_new_tokens, batch_size) -> tuple[dict, list[str]]:
+def _score_model(model, tokenizer, segments, places, references, data, metrics, max_new_tokens,
+                 batch_size) -> tuple[dict, list[str]]:
     scores, predictions = {}, []
     if any(m in GENERATION_METRICS for m in metrics):
         predictions = generate(model, tokenizer, [prompt_of(s) for s in segments], max_new_tokens, batch_size)
@@ -156,7 +156,7 @@ def _score_model(model, tokenizer, segments, references, data, metrics, max_new_
             if m in GENERATION_METRICS:
                 scores.update(score(m, predictions, references))
     if "perplexity" in metrics:
-        full = [tokenize(s, tokenizer, 10**9, False) for s in segments]
+        full = [tokenize(s, tokenizer, 10**9, False, place) for s, place in zip(segments, places)]
         examples = [{k: e[k][: data.max_length] for k in ("input_ids", "labels")} for e in full]
         cut = sum(len(e["input_ids"]) > data.max_length for e in full)
         if cut:
@@ -200,7 +200,7 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
         context = context_length(load_model_config(target.model.name_or_path, target.model.trust_remote_code))
         check_context(tokenizer, [prompt_of(s) for s in segments], rows.where, max_new_tokens, context)
     model = load_model(target.model)
-    args = (tokenizer, segments, references, data, metrics, max_new_tokens, batch_size)
+    args = (tokenizer, segments, rows.where, references, data, metrics, max_new_tokens, batch_size)
     results = {}
     if compare_base and target.adapter is not None:
         results["base"], _ = _score_model(model, *args)

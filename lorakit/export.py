@@ -25,7 +25,7 @@ import torch
 from lorakit.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, adapter_problems, read_adapter
 from lorakit.config import DEFAULT_MODEL, read_saved_config
 from lorakit.errors import InputError, LoraError
-from lorakit.files import atomic_directory, check_output_dir
+from lorakit.files import MANIFEST, atomic_directory, check_output_dir
 from lorakit.inject import pattern_value, plan_injection
 from lorakit.lora import scaling
 
@@ -239,7 +239,7 @@ def export(adapter_dir: str | Path, to: str, output: Path | None = None, merged:
         from lorakit.merge import merge_adapters
 
         merge_adapters([adapter_dir], output, base, "float32", into, force=force, trust_remote_code=trust_remote_code)
-        return ExportReport(to, output, sorted(p.name for p in output.iterdir()),
+        return ExportReport(to, output, sorted(p.name for p in output.iterdir() if p.name != MANIFEST),
                             f"python -c \"from transformers import AutoModelForCausalLM; "
                             f"AutoModelForCausalLM.from_pretrained({str(output)!r})\"")
     with atomic_directory(output) as tmp:

@@ -10,7 +10,9 @@ A run holds its output directory's lock (``exclusive``), so that two never write
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,12 +40,55 @@ def recover_directory(final: Path) -> None:
     shutil.rmtree(temporary_path(final), ignore_errors=True)
 
 
+MANIFEST = ".lorakit-files.json"  # the names lorakit wrote into a directory it may later replace
+# Directories written before lorakit kept a manifest: what they may hold (adapters, merged
+# models with their tokenizers, GGUF and Ollama exports, checkpoints).
+_LEGACY_NAMES = re.compile(
+    r"adapter|adapter_config\.json|adapter_model\.safetensors|training_config\.yaml|config\.json"
+    r"|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
+    r"|vocab\.json|merges\.txt|[^/]+\.gguf|Modelfile|state\.json|optimizer\.(pt|safetensors)|rng-\d+\.safetensors")
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """What ``directory`` holds that lorakit did not write there (its manifest says what
+    it did), so that replacing the directory would lose it."""
+    if not directory.is_dir():
+        return []
+    try:
+        ours = set(json.loads((directory / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = None
+    names = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST)
+    if ours is None:
+        return [n for n in names if not _LEGACY_NAMES.fullmatch(n)]
+    return [n for n in names if n not in ours]
+
+
+def check_replaceable(directory: Path, key: str | None = None) -> None:
+    """Refuse to replace a directory holding anything lorakit did not write there.
+
+    Raises:
+        InputError: naming ``key`` (the flag or setting that chose the directory), the
+            directory and what it would lose.
+    """
+    from lorakit.errors import InputError
+
+    foreign = foreign_entries(directory)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"{key + ': ' if key else ''}{directory} holds {shown}, which lorakit did not write; "
+                         "replacing the directory would delete it. Move it away or choose another directory")
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes ``final``.
 
-    An existing ``final`` is replaced only once the new directory is complete. If the
-    body raises, the temporary directory is removed and ``final`` is left as it was.
+    An existing ``final`` is replaced only once the new directory is complete, and only
+    when it holds nothing lorakit did not write (``check_replaceable``; the new directory
+    records what it holds in its manifest). If the body raises, the temporary directory
+    is removed and ``final`` is left as it was.
 
     Args:
         keep_existing: for a cache that several processes may fill at once: each builds
@@ -57,6 +102,7 @@ def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> I
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         recover_directory(final)
+        check_replaceable(final)
         tmp = temporary_path(final)
     tmp.mkdir()
     try:
@@ -64,6 +110,7 @@ def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / MANIFEST).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
     if keep_existing and final.exists():
         shutil.rmtree(tmp)
     elif final.exists():
@@ -141,3 +188,4 @@ def check_output_dir(output: Path, inputs: list[str | os.PathLike], force: bool)
         raise InputError(f"--output {output} is a file, not a directory")
     if output.exists() and any(output.iterdir()) and not force:
         raise InputError(f"--output {output} exists and is not empty; pass --force to replace it")
+    check_replaceable(output, "--output")

@@ -149,7 +149,30 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
             raise ModelLoadError(f"the tokenizer of {cfg.name_or_path!r} has neither a padding nor an end-of-text "
                                  "token, so batches cannot be padded and the model cannot learn to stop")
         tokenizer.pad_token = tokenizer.eos_token
+    _check_vocabulary(tokenizer, cfg, path)
     return tokenizer
+
+
+def _check_vocabulary(tokenizer, cfg: ModelConfig, path: str) -> None:
+    """Refuse special tokens past the model's embedding rows, and record the rows on the
+    tokenizer (``embedding_rows``) so that text is checked where it is tokenized
+    (``lorakit.data.encode``). A tokenizer with more tokens than the model has rows is not
+    refused outright: some models ship added tokens their text never uses."""
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return  # a tokenizer alone (no model config beside it): nothing to check against
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if not isinstance(rows, int) or len(tokenizer) <= rows:
+        return
+    for name in ("pad", "eos", "bos"):
+        token_id = getattr(tokenizer, f"{name}_token_id")
+        if token_id is not None and token_id >= rows:
+            raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: the tokenizer's {name} token "
+                                 f"{getattr(tokenizer, f'{name}_token')!r} has id {token_id}, past the model's "
+                                 f"{rows} embedding rows (vocab_size); the tokenizer and the weights do not belong "
+                                 "together")
+    tokenizer.embedding_rows = rows
 
 
 def bf16_is_fast() -> bool:
@@ -197,7 +220,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,  # a hub model without safetensors is refused, not unpickled
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AssertionError) as e:  # torch asserts a padding id inside the embedding
         raise ModelLoadError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}{_remote_hint(e)}") from None
     if cfg.name_or_path == DEFAULT_MODEL:
         # Adapters name their base; the hub id is what PEFT and serving engines can fetch.

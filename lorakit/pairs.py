@@ -38,7 +38,7 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
         if token := special_token_in(row, cfg, special):
             specials.append((where, token))
         for key in ("chosen", "rejected"):
-            full = tokenize(render_preference(row, cfg, tokenizer, where, key), tokenizer, 10**9, False)
+            full = tokenize(render_preference(row, cfg, tokenizer, where, key), tokenizer, 10**9, False, where)
             if "split" in full:
                 shared.append((f"{where} ({key})", full.pop("split")))
             truncated += len(full["input_ids"]) > cfg.max_length

@@ -34,11 +34,11 @@ from transformers import get_scheduler
 
 from lorakit import report
 from lorakit.adapter_io import load_adapter, save_adapter, with_init_from
-from lorakit.checkpoint import capture_rng, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
+from lorakit.checkpoint import capture_rng, check_deletable, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.errors import DataError, InputError, TrainingError, TrainingInterrupted
-from lorakit.files import atomic_directory
+from lorakit.files import atomic_directory, check_replaceable
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss, evaluate_loss
@@ -410,6 +410,10 @@ def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -
                          "or start over with --overwrite (deletes its checkpoints)")
     if resume and not list_checkpoints(checkpoints):
         raise InputError(f"--resume: no complete checkpoint in {checkpoints}")
+    if overwrite:  # what the new run replaces must be the earlier run's alone
+        check_replaceable(out / "adapter", "--overwrite")
+        check_replaceable(out / "model", "--overwrite")
+        check_deletable(checkpoints, "--overwrite")
     try:  # now, not after the model has loaded
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -165,6 +165,51 @@ def _pickled_base(c: Ctx, command: list[str]) -> Case:
     return Case(args, 2, ["pytorch_model.bin", "never loads"], absent=[c.root / MARKER])
 
 
+def _tokenizer_past_embedding(c: Ctx, command: str) -> Case:
+    """A base whose tokenizer gained a token its embedding has no row for; a row writes it."""
+    from transformers import AutoTokenizer
+
+    base = c.root / "grown"
+    shutil.copytree(c.model, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<new>"])
+    tokenizer.save_pretrained(base)
+    data = c.data('{"question": "1+1= <new>", "answer": "2"}\n')
+    args = {
+        "train": ["train", c.config(lambda r: (r["model"].update(name_or_path=str(base)),
+                                               r["data"].update(train=data, validation=None)))],
+        "eval": ["eval", str(c.adapter), "--base", str(base), "--data", data],
+        "generate": ["generate", str(base), "--prompt", "x <new>"],
+    }[command]
+    return Case(args, 2, ["'<new>'", "embedding rows", "line 1" if command != "generate" else "generate"])
+
+
+def _pad_past_embedding(c: Ctx) -> Case:
+    """A base whose config shrank its vocabulary below the tokenizer's padding token."""
+    base = c.root / "shrunk"
+    shutil.copytree(c.model, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(vocab_size=100, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    (base / "config.json").write_text(json.dumps(config))
+    return Case(["train", c.config(lambda r: r["model"].update(name_or_path=str(base)))], 2,
+                ["pad token", "100 embedding rows", "shrunk"])
+
+
+def _replace_foreign(c: Ctx, command: str) -> Case:
+    """--force or --overwrite onto a directory holding a file lorakit did not write."""
+    run = c.root / "run"
+    place = {"merge": c.root / "out", "export": c.root / "out", "train adapter": run / "adapter",
+             "train checkpoints": run / "checkpoints"}[command]
+    place.mkdir(parents=True)
+    mine = Path(c.data("mine", str(place / "notes.txt")))
+    if command.startswith("train"):
+        (run / "adapter").mkdir(exist_ok=True)
+        args = ["train", c.config(lambda r: r["training"].update(output_dir=str(run))), "--overwrite"]
+    else:
+        args = [command, str(c.adapter), "-o", str(place), "--force", *(["--to", "gguf"] if command == "export" else [])]
+    return Case(args, 2, [str(place), "notes.txt", "lorakit did not write"], intact=[mine])
+
+
 def _merge_into(c: Ctx, where: str) -> Case:
     output = {"itself": c.adapter, "run": c.adapter.parent, "inside": c.adapter / "merged"}[where]
     weights = c.adapter / "adapter_model.safetensors"
@@ -420,6 +465,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         Case(["train", c.config()], 2, ["already holds a run", "--resume"]))[1],
     "resume and overwrite together": lambda c: Case(["train", c.config(), "--resume", "--overwrite"], 2,
                                                     ["--resume", "--overwrite", "choose one"]),
+    "overwrite a run whose adapter holds the user's file": lambda c: _replace_foreign(c, "train adapter"),
+    "overwrite a run whose checkpoints hold the user's file": lambda c: _replace_foreign(c, "train checkpoints"),
+    "merge force onto the user's files": lambda c: _replace_foreign(c, "merge"),
+    "export force onto the user's files": lambda c: _replace_foreign(c, "export"),
     "resume without checkpoint": lambda c: Case(["train", c.config(), "--resume"], 2, ["no complete checkpoint"]),
     # --- data ------------------------------------------------------------------------
     "data empty file": lambda c: Case(["data", "preview", c.with_data("")], 2, ["d.jsonl", "no rows"]),
@@ -651,6 +700,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                                         ["rank_pattern", "repeats"]),
     "adapter catastrophic target regex": lambda c: Case(["eval", c.peft(target_modules="(.*)*q_proj")], 2,
                                                         ["target_modules", "repeats"]),
+    "base tokenizer past the embedding": lambda c: _tokenizer_past_embedding(c, "train"),
+    "base tokenizer past the embedding eval": lambda c: _tokenizer_past_embedding(c, "eval"),
+    "base tokenizer past the embedding generate": lambda c: _tokenizer_past_embedding(c, "generate"),
+    "base pad token past the embedding": _pad_past_embedding,
     "base model pickle only": lambda c: _pickled_base(c, []),
     "base model pickle only merge": lambda c: _pickled_base(c, ["merge", str(c.adapter), "-o", str(c.root / "m")]),
     "base model pickle only eval": lambda c: _pickled_base(c, ["eval", str(c.adapter), "--limit", "1"]),

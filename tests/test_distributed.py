@@ -78,7 +78,9 @@ def test_two_processes_equal_one_with_accumulation(reference, tmp_path):
     adapter = "adapter/adapter_model.safetensors"
     assert _close(load_file(tmp_path / "two" / adapter), load_file(one / adapter))
     names = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-12").iterdir())
-    assert names == ["adapter", "optimizer.safetensors", "rng-0.safetensors", "rng-1.safetensors", "state.json"]
+    assert names == [".lorakit-files.json", "adapter", "optimizer.safetensors", "rng-0.safetensors",
+                     "rng-1.safetensors", "state.json"]
+    assert json.loads((tmp_path / "two" / "checkpoints" / "step-12" / ".lorakit-files.json").read_text()) == names[1:]
 
 
 def test_two_process_resume_after_kill_9(reference, tmp_path):

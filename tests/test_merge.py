@@ -48,8 +48,12 @@ def test_refuses_non_empty_output_without_force(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="not empty; pass --force"):
         merge_adapters([adapter], out)
     assert (out / "precious.txt").read_text() == "keep me"
-    merge_adapters([adapter], out, force=True, dtype="bfloat16")
-    assert not (out / "precious.txt").exists()
+    with pytest.raises(InputError, match="precious.txt, which lorakit did not write"):
+        merge_adapters([adapter], out, force=True)  # --force replaces lorakit's outputs, nothing else
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    merge_adapters([adapter], out)
+    merge_adapters([adapter], out, force=True, dtype="bfloat16")  # its own earlier merge is replaced
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
