@@ -18,7 +18,7 @@ from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
-from lorakit.files import atomic_file
+from lorakit.files import atomic_file, check_inputs_survive
 from lorakit.inputs import check_unicode, missing_path, template_fields
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
@@ -27,6 +27,7 @@ from lorakit.model import adapter_base_config, load_model, load_model_config, lo
 from lorakit.preflight import context_length
 
 logger = logging.getLogger("lorakit")
+PREDICTIONS_FILE, METRICS_FILE = "predictions.jsonl", "metrics.json"  # what eval writes into --output
 
 
 @dataclass
@@ -190,6 +191,8 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
         raise EvalError("no data to evaluate on: pass --data FILE (the config has no validation split)")
     if target.data is None:
         logger.warning("no saved training config: rendering %s as prompt/completion rows with defaults", source)
+    if output is not None:
+        check_inputs_survive([output / PREDICTIONS_FILE, output / METRICS_FILE], {"--data": source}, "--output")
     rows = load_rows(source, "validation").head(limit)
 
     tokenizer = load_tokenizer(target.model)
@@ -214,10 +217,10 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
 
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        with atomic_file(output / "predictions.jsonl") as tmp:  # a kill leaves the previous eval's files
+        with atomic_file(output / PREDICTIONS_FILE) as tmp:  # a kill leaves the previous eval's files
             tmp.write_text("".join(json.dumps({"row": i, "prediction": prediction, "reference": references[i]}) + "\n"
                                    for i, prediction in enumerate(predictions)))
-        with atomic_file(output / "metrics.json") as tmp:
+        with atomic_file(output / METRICS_FILE) as tmp:
             tmp.write_text(json.dumps({"data": source, "rows": len(rows), **results}, indent=2))
     return results
 

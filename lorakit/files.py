@@ -165,6 +165,31 @@ def exclusive(directory: Path, key: str) -> Iterator[None]:
         yield
 
 
+def check_inputs_survive(written: list[Path], inputs: dict[str, str | None], key: str) -> None:
+    """Refuse to write a path that is, or holds, one of the command's inputs.
+
+    Args:
+        written: what the command writes (files or directories it replaces).
+        inputs: each input's flag or setting and its path (absent ones, such as hub
+            names, are skipped).
+        key: the flag or setting that chose where to write.
+
+    Raises:
+        InputError: naming ``key``, the path written and the input it holds.
+    """
+    from lorakit.errors import InputError
+
+    for name, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        for target in written:
+            resolved = target.expanduser().resolve()
+            if path == resolved or resolved in path.parents:
+                raise InputError(f"{key}: lorakit writes {target}, which holds {name} ({value}); choose another "
+                                 f"{key} or move the input")
+
+
 def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when ``a`` and ``b`` are the same path or one contains the other (links resolved)."""
     a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()

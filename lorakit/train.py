@@ -38,7 +38,7 @@ from lorakit.checkpoint import capture_rng, check_deletable, list_checkpoints, l
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
 from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.errors import DataError, InputError, TrainingError, TrainingInterrupted
-from lorakit.files import atomic_directory, check_replaceable
+from lorakit.files import atomic_directory, check_inputs_survive, check_replaceable
 from lorakit.inject import add_lora, count_parameters, lora_modules
 from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss, evaluate_loss
@@ -391,15 +391,7 @@ def _check_inputs_survive(cfg: Config, out: Path) -> None:
     """Refuse an ``output_dir`` whose run outputs would replace one of the run's inputs."""
     inputs = {"model.name_or_path": cfg.model.name_or_path, "data.train": cfg.data.train,
               "data.validation": cfg.data.validation, "lora.init_from": cfg.lora.init_from}
-    for key, value in inputs.items():
-        if not value or not Path(value).expanduser().exists():  # absent: a hub name
-            continue
-        path = Path(value).expanduser().resolve()
-        for name in RUN_OUTPUTS:
-            written = (out / name).expanduser().resolve()
-            if path == written or written in path.parents:
-                raise InputError(f"training.output_dir: the run writes {out / name}, which holds {key} "
-                                 f"({value}); choose another output_dir or move the input")
+    check_inputs_survive([out / name for name in RUN_OUTPUTS], inputs, "training.output_dir")
 
 
 def _check_output(out: Path, checkpoints: Path, resume: bool, overwrite: bool) -> None:

@@ -210,6 +210,15 @@ def _replace_foreign(c: Ctx, command: str) -> Case:
     return Case(args, 2, [str(place), "notes.txt", "lorakit did not write"], intact=[mine])
 
 
+def _eval_onto_data(c: Ctx, data: str) -> Case:
+    """eval --output where a file it writes is, or holds, its --data."""
+    (c.root / data).parent.mkdir(parents=True)
+    path = c.data('{"question": "1+1=", "answer": "2"}\n', data)
+    written = data.split("/")[1]
+    return Case(["eval", str(c.adapter), "--data", path, "--output", str(c.root / "out")], 2,
+                ["--output", written, "--data"], intact=[Path(path)])
+
+
 def _merge_into(c: Ctx, where: str) -> Case:
     output = {"itself": c.adapter, "run": c.adapter.parent, "inside": c.adapter / "merged"}[where]
     weights = c.adapter / "adapter_model.safetensors"
@@ -579,6 +588,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "eval data lacks reference": lambda c: Case(["eval", str(c.adapter), "--data", c.data(
         '{"question": "1+1="}\n', "e.jsonl")], 2, ["e.jsonl, line 1", "answer"]),
     # --- paths -----------------------------------------------------------------------
+    "eval output replaces its data": lambda c: _eval_onto_data(c, "out/predictions.jsonl"),
+    "eval output inside its data": lambda c: _eval_onto_data(c, "out/metrics.json/rows.jsonl"),
     "eval a run directory": lambda c: Case(["eval", str(c.root), "--data", c.data(
         '{"question": "1", "answer": "2"}\n', "e.jsonl")], 2, ["run or checkpoint directory", "adapter"]),
     "eval output is a file": lambda c: Case(["eval", str(c.adapter), "--output", c.data("x", "out.txt")], 2,
@@ -602,7 +613,7 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         lambda r: r["training"].update(output_dir="/proc/lorakit-run"))], 2, ["training.output_dir", "cannot"]),
     "train output_dir replaces the init_from adapter": lambda c: Case(["train", c.config(lambda r: (
         r.update(lora={"init_from": str(c.adapter)}), r["training"].update(output_dir=str(c.adapter.parent)))),
-        "--overwrite"], 2, ["training.output_dir", "lora.init_from", "choose another output_dir"],
+        "--overwrite"], 2, ["training.output_dir", "lora.init_from", "choose another training.output_dir"],
         intact=[c.adapter / "adapter_model.safetensors"]),
     "train output_dir replaces the base model": lambda c: _base_in_run(c),
     "inspect base missing": lambda c: Case(["inspect", str(c.adapter), "--base", "./gone"], 2, ["no such file"]),
