@@ -226,15 +226,16 @@ def newest_intact(root: Path) -> Path:
     raise ResumeError(f"--resume: every checkpoint in {root} is damaged; start over with --overwrite")
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def differences(old: dict, new: dict, then: str = "in the checkpoint", prefix: str = "") -> list[str]:
+    """``"key.sub: OLD <then>, NEW now"`` for every leaf where two nested dicts differ."""
     keys = sorted(set(old) | set(new))
     out = []
     for key in keys:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
+            out += differences(a, b, then, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+            out.append(f"{prefix}{key}: {a!r} {then}, {b!r} now")
     return out
 
 
@@ -285,7 +286,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ResumeError(f"{path / 'state.json'}: not a lorakit checkpoint state ({type(e).__name__}: {e})") from None
     if state["config_hash"] != _hash(fingerprint(config)):
-        diffs = "; ".join(_differences(state["config"], fingerprint(config)))
+        diffs = "; ".join(differences(state["config"], fingerprint(config)))
         allowed = ", ".join(f"training.{k}" for k in sorted((*_FREE_KEYS, *RECOVERY_KEYS)))
         raise ResumeError(f"cannot resume from {path}: the config changed ({diffs}); only {allowed} may change")
     if state["processes"] != accelerator.num_processes:

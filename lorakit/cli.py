@@ -331,7 +331,7 @@ def generate(
 def sweep(
     config: Path = CONFIG_ARG,
     grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid lora.r=4,8,16 --grid "
-                                   "training.lr=2e-4,1e-3; values are YAML ([q,v] is a list)."),
+                                   "training.lr=2e-4,1e-3; values are YAML (\\[q,v] is a list)."),
     overrides: list[str] = SET_OPT,
     full_finetune: bool = typer.Option(False, "--full-finetune", help="Add full fine-tuning as a reference point."),
     full_lr: float = typer.Option(2e-5, help="Learning rate of the full fine-tuning point."),
@@ -344,7 +344,8 @@ def sweep(
     compare them: trainable parameters, wall time, validation loss and scores.
 
     Results land in OUTPUT_DIR/sweep/ (a table in sweep.json and a plot in sweep.png);
-    rerunning skips finished points and resumes interrupted ones.
+    rerunning skips finished points and resumes interrupted ones, and refuses a point
+    that ran with other settings (config, data or metrics) instead of reporting it.
     """
     cfg = _load(config, overrides)
     _quiet_libraries()

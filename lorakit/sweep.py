@@ -2,8 +2,11 @@
 split, to choose rank, learning rate and targets by measurement.
 
 Every grid point trains with the same config, steps and data order but for the keys the
-grid sets, into ``<output_dir>/sweep/<point>/``. A point that finished (its
-``result.json`` exists) is never trained again; one that was interrupted resumes.
+grid sets, into ``<output_dir>/sweep/<point>/``. Each point records what it ran with
+(``point.json``: its config, the data files' digests and the scoring asked for); a point
+that finished (its ``result.json`` exists) is never trained again, one that was interrupted
+resumes, and a point recorded with other settings is refused, never reported as if it
+had run with these.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.config import ConfigError, load_config, yaml_value
+from lorakit.checkpoint import differences, file_digest
+from lorakit.config import Config, ConfigError, config_to_dict, load_config, yaml_value
+from lorakit.errors import InputError
 from lorakit.files import atomic_file
 from lorakit.train import train
+
+
+POINT = "point.json"  # what a point ran with (``_settings``)
 
 
 @dataclass
@@ -112,14 +120,23 @@ def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetun
 
     base = load_config(config, overrides)  # fails fast on a bad config, before any training
     root = Path(base.training.output_dir) / "sweep"
-    rows = []
-    for point in grid_points(parse_grid(grids), full_finetune, full_lr):
+    points = []
+    for point in grid_points(parse_grid(grids), full_finetune, full_lr):  # every point checked before any trains
         out = root / point.name
+        cfg = load_config(config, [*overrides, *point.overrides, f"training.output_dir={out}"])
+        settings = _settings(cfg, metrics, limit, max_new_tokens)
+        _check_point(out, settings)
+        points.append((point, out, cfg, settings))
+    rows = []
+    for point, out, cfg, settings in points:
         done = out / "result.json"
         if done.is_file():
             rows.append(json.loads(done.read_text()))
             continue
-        cfg = load_config(config, [*overrides, *point.overrides, f"training.output_dir={out}"])
+        if not (out / POINT).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_file(out / POINT) as tmp:
+                tmp.write_text(json.dumps(settings, indent=2))
         resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
         start = time.perf_counter()
         result = train(cfg, resume=resume, overwrite=not resume)
@@ -136,6 +153,39 @@ def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetun
     with atomic_file(root / "sweep.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def _settings(cfg: Config, metrics: list[str] | None, limit: int | None, max_new_tokens: int) -> dict:
+    """What a point's result depends on: its config, its data files' contents, its scoring."""
+    files = {key: getattr(cfg.data, key) for key in ("train", "validation")}
+    return {"config": config_to_dict(cfg),
+            "data": {key: file_digest(Path(path)) for key, path in files.items() if path and Path(path).is_file()},
+            "scoring": {"metrics": sorted(metrics or []), "limit": limit,
+                        "max_new_tokens": max_new_tokens if metrics else None}}
+
+
+def _check_point(out: Path, settings: dict) -> None:
+    """Refuse a point recorded with other settings than ``settings`` (or with none).
+
+    Raises:
+        InputError: naming the point and the settings that differ.
+    """
+    recorded = out / POINT
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        diffs = differences(before.get("config", {}), settings["config"], "then", "config.")
+        diffs += [f"data.{key}: the file changed" for key in sorted(set(before.get("data", {})) | set(settings["data"]))
+                  if before.get("data", {}).get(key) != settings["data"].get(key)]
+        diffs += differences(before.get("scoring", {}), settings["scoring"], "then", "scoring.")
+        if not diffs:
+            return
+        problem = f"ran with other settings ({'; '.join(diffs[:3])})"
+    elif out.is_dir() and any(out.iterdir()):
+        problem = f"holds a run this sweep did not record (no {POINT})"
+    else:
+        return
+    raise InputError(f"sweep point {out} {problem}: its results would not be this sweep's. Remove {out} to run "
+                     "it again, or choose another training.output_dir")
 
 
 def plot_sweep(rows: list[dict], score: str, out: Path) -> Path:
