@@ -170,6 +170,8 @@ def row_field(row: dict, name: str, where: str) -> str:
     """The text of field ``name`` of ``row``, or a DataError naming the row and the fields it has."""
     value = row.get(name)
     if value is None:
+        if name in row:
+            raise DataError(f"{where}: field {name!r} is null, not text")
         raise DataError(f"{where}: no field {name!r} (the row has {_present(row) or 'no fields'})")
     if isinstance(value, (dict, list)):
         raise DataError(f"{where}: field {name!r} holds a {type(value).__name__}, not text")
@@ -291,6 +293,18 @@ def _row_texts(row: dict, cfg: DataConfig) -> list[str]:
     if keys is None:
         keys = [*template_fields(cfg.prompt_template), cfg.completion_field]
     return [text for key in keys for text in contents(row.get(key))]
+
+
+def blank_answer(row: dict, cfg: DataConfig) -> bool:
+    """True when an answer the row trains (completion, output, text, an assistant turn, a
+    preference answer) is empty or only whitespace: only the end of text is learnt from it."""
+    if cfg.format == "chat":
+        answers = [m.get("content") for m in row.get("messages") or () if isinstance(m, dict) and m.get("role") == "assistant"]
+    elif cfg.format == "preference":
+        answers = [row.get("chosen"), row.get("rejected")]
+    else:
+        answers = [row.get({"text": cfg.text_field, "alpaca": "output"}.get(cfg.format, cfg.completion_field))]
+    return any(isinstance(answer, str) and not answer.strip() for answer in answers)
 
 
 def special_token_in(row: dict, cfg: DataConfig, specials: re.Pattern | None) -> str | None:
@@ -437,7 +451,7 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
         raise DataError(f"{key} needs the model's chat template, and this tokenizer has none; use "
                         "format prompt_completion without chat_template, or a model that ships a template")
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
-    examples, lengths, splits, specials = [], [], [], []
+    examples, lengths, splits, specials, blanks = [], [], [], [], []
     over = cut = trained = total = 0
     eos_trained = False
     special = special_tokens(tokenizer)
@@ -447,6 +461,8 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
             splits.append((where, full.pop("split")))
         if token := special_token_in(row, cfg, special):
             specials.append((where, token))
+        if blank_answer(row, cfg):
+            blanks.append(where)
         lengths.append(len(full["input_ids"]))
         over += len(full["input_ids"]) > cfg.max_length
         example = {k: v[: cfg.max_length] for k, v in full.items()}
@@ -457,7 +473,7 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
             examples.append(example)
             cut += len(full["input_ids"]) > cfg.max_length
     report = DataReport(examples, len(lengths), lengths, over, trained / max(total, 1))
-    report.warnings += answer_warnings(len(lengths), splits, cut, cfg.max_length, specials)
+    report.warnings += answer_warnings(len(lengths), splits, cut, cfg.max_length, specials, blanks)
     dropped = len(lengths) - len(examples)
     if dropped:
         report.warnings.append(f"{dropped} of {len(lengths)} examples had no trained token left within "
@@ -471,11 +487,15 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
 
 
 def answer_warnings(rows: int, splits: list[tuple[str, str]], cut: int, max_length: int,
-                    specials: list[tuple[str, str]]) -> list[str]:
+                    specials: list[tuple[str, str]], blanks: list[str]) -> list[str]:
     """What keeps rows from being trained as written: tokens shared by prompt and answer
-    (``splits``: place and token text), answers cut by ``max_length``, and special tokens
-    written in the rows' own text (``specials``: place and token)."""
+    (``splits``: place and token text), answers cut by ``max_length``, special tokens
+    written in the rows' own text (``specials``: place and token), and empty answers
+    (``blanks``: places)."""
     warnings = []
+    if blanks:
+        warnings.append(f"{len(blanks)} of {rows} examples have an empty answer (first: {blanks[0]}): it is "
+                        "trained as the end of text alone, which teaches answering with nothing")
     if specials:
         where, token = specials[0]
         warnings.append(f"{len(specials)} of {rows} examples write a special token in their own text (first: "

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from lorakit.config import DataConfig
-from lorakit.data import (IGNORE, answer_warnings, collate, load_rows, render_preference, special_tokens,
+from lorakit.data import (IGNORE, answer_warnings, blank_answer, collate, load_rows, render_preference, special_tokens,
                           special_token_in, tokenize)
 from lorakit.errors import DataError
 
@@ -31,12 +31,14 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
     """
     source = cfg.train if split == "train" else cfg.validation
     rows = load_rows(source, split).head(cfg.validation_limit if split == "validation" else None)
-    pairs, splits, specials, dropped, truncated, identical = [], [], [], 0, 0, 0
+    pairs, splits, specials, blanks, dropped, truncated, identical = [], [], [], [], 0, 0, 0
     special = special_tokens(tokenizer)
     for row, where in zip(rows.rows, rows.where):
         pair, shared = {}, []
         if token := special_token_in(row, cfg, special):
             specials.append((where, token))
+        if blank_answer(row, cfg):
+            blanks.append(where)
         for key in ("chosen", "rejected"):
             full = tokenize(render_preference(row, cfg, tokenizer, where, key), tokenizer, 10**9, False, where)
             if "split" in full:
@@ -49,7 +51,7 @@ def build_pairs(cfg: DataConfig, tokenizer, split: str = "train") -> list[dict]:
             pairs.append(pair)
         else:
             dropped += 1
-    for warning in answer_warnings(len(rows), splits, 0, cfg.max_length, specials):
+    for warning in answer_warnings(len(rows), splits, 0, cfg.max_length, specials, blanks):
         logger.warning("%s: %s", source, warning)
     if dropped:
         logger.warning("%s: %d of %d pairs have an answer with no token left within max_length=%d and are "

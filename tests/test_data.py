@@ -261,6 +261,28 @@ def test_special_tokens_written_in_rows_are_warned_about(tok, tmp_path, caplog):
     assert "1 of 1 examples write a special token" in caplog.text
 
 
+def test_empty_answers_are_warned_about(tok, tmp_path, caplog):
+    """An empty or blank answer trains the end of text alone (the model learns to say
+    nothing); a null one is refused as not text."""
+    from lorakit.pairs import build_pairs
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": " \n"}, {"prompt": "d", "completion": ""}]
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    assert "2 of 3 examples have an empty answer (first: " in caplog.text and "d.jsonl, line 2)" in caplog.text
+    caplog.clear()
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows[:1])), tok)
+    assert "empty answer" not in caplog.text
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
+    build_examples(DataConfig(train=write_jsonl(tmp_path / "c.jsonl", chat), format="chat"), tok)
+    assert "1 of 1 examples have an empty answer" in caplog.text
+    caplog.clear()
+    pairs = [{"prompt": "p", "chosen": "yes", "rejected": ""}, {"prompt": "q", "chosen": "yes", "rejected": "no"}]
+    build_pairs(DataConfig(train=write_jsonl(tmp_path / "p.jsonl", pairs), format="preference"), tok)
+    assert "1 of 2 examples have an empty answer" in caplog.text
+    with pytest.raises(DataError, match="line 1: field 'completion' is null, not text"):
+        build_examples(DataConfig(train=write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a", "completion": None}])), tok)
+
+
 def test_json_lines_end_only_at_line_breaks(tmp_path):
     """U+2028 and U+0085 may stand unescaped inside JSON strings (str.splitlines would cut
     the row there); \\r\\n and a lone \\r end lines as \\n does."""
