@@ -190,6 +190,9 @@ def _check_messages(messages, where: str) -> list[dict]:
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
             raise DataError(f"{where}: message {turn} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if isinstance(content, list):  # OpenAI's content parts
+            raise DataError(f"{where}: message {turn} ({role}) has 'content' as a list of parts; lorakit trains "
+                            "text: write the content as one string")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {turn} ({role}) has no text 'content'")
     if not any(m["role"] == "assistant" for m in messages):

@@ -180,11 +180,15 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
         ``{"model": scores}`` and, with ``compare_base``, ``{"base": scores, "gain": ...}``.
 
     Raises:
-        EvalError: unknown metric, no data, or no data format to render prompts with.
+        EvalError: unknown metric, no data, no data format to render prompts with, or
+            ``compare_base`` without an adapter.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise EvalError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRICS)}")
+    if compare_base and target.adapter is None:
+        raise EvalError(f"--compare-base scores an adapter's base beside it, and {target.model.name_or_path} is a "
+                        "whole model (merged or base); evaluate the base on its own to compare")
     data = target.data or DataConfig(train=data_file or "")
     source = data_file or data.validation
     if not source:

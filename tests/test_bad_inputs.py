@@ -533,6 +533,12 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "data chat missing content": lambda c: Case(["data", "preview", c.with_data(json.dumps(
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}) + "\n", format="chat")], 2,
         ["line 1", "message 1", "content"]),
+    "data chat content parts": lambda c: Case(["data", "preview", c.with_data(json.dumps(
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                      {"role": "assistant", "content": "yo"}]}) + "\n", format="chat")], 2,
+        ["line 1", "message 1", "list of parts", "one string"]),
+    "eval compare-base without an adapter": lambda c: Case(["eval", c.model, "--compare-base", "--data", c.data(
+        '{"question": "1+1=", "answer": "2"}\n')], 2, ["--compare-base", "whole model"]),
     # A template that drops earlier assistant turns, as templates that strip earlier reasoning do.
     "data chat template that rewrites earlier turns": lambda c: Case(["data", "preview", _chat_template_case(
         c, "m.role != 'assistant' or loop.last", [("user", "1+1="), ("assistant", "2"), ("user", "2+2="),
