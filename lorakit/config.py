@@ -573,6 +573,18 @@ def config_to_dict(config: Config) -> dict:
     return config.model_dump(mode="json", by_alias=True)
 
 
+def saved_config_dict(config: Config) -> dict:
+    """``config_to_dict`` with the local paths a later command reads again (base model,
+    data, ``lora.init_from``) made absolute: eval, generate and merge run from any
+    directory, where a relative path would name another file, or another model."""
+    data = config_to_dict(config)
+    for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "validation"), ("lora", "init_from")):
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            data[section][key] = str(Path(value).expanduser().resolve())
+    return data
+
+
 def read_saved_config(directory: str | os.PathLike) -> Config | None:
     """The run's config saved beside an adapter or merged model (``None`` when there is none).
 

@@ -102,7 +102,9 @@ def resolve_model_path(name_or_path: str) -> str:
             raise
         except Exception as e:  # noqa: BLE001 — a damaged GGUF file fails in many ways
             raise ModelLoadError(f"{name_or_path}: cannot read it as a GGUF model ({type(e).__name__}: {e})") from None
-    return str(path) if path.exists() else name_or_path
+    # Absolute: transformers records it as the model's name, which adapters then name as
+    # their base, and a relative path would name another model from another directory.
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def _remote_hint(error: Exception) -> str:

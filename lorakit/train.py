@@ -35,7 +35,7 @@ from transformers import get_scheduler
 from lorakit import report
 from lorakit.adapter_io import load_adapter, save_adapter, with_init_from
 from lorakit.checkpoint import capture_rng, check_deletable, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
-from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, config_to_dict
+from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, saved_config_dict
 from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.errors import DataError, InputError, TrainingError, TrainingInterrupted
 from lorakit.files import atomic_directory, check_inputs_survive, check_replaceable
@@ -141,7 +141,7 @@ def _write_final(out: Path, model, tokenizer, cfg: Config) -> Path:
         else:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        (tmp / SAVED_CONFIG).write_text(yaml.safe_dump(saved_config_dict(cfg), sort_keys=False))
     return final
 
 

@@ -492,3 +492,30 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tiny_model_dir, tmp_pa
         assert sweep.exit_code == 0, sweep.output  # a sweep writes elsewhere (output_dir/sweep)
     result = runner.invoke(app, ["train", str(config)])
     assert result.exit_code == 0 and (tmp_path / "run" / "adapter").is_dir(), result.output
+
+
+def test_a_run_names_its_base_and_data_by_absolute_path(tiny_model_dir, tmp_path, monkeypatch):
+    """A run configured with relative paths records them absolute (adapter_config.json and
+    the saved config): eval from another directory, where the same relative names hold
+    another model and other data, still uses the run's own."""
+    import shutil
+
+    from lorakit.evaluation import resolve_target
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    shutil.copytree(tiny_model_dir, here / "m")
+    raw = tiny_config(here, "m", max_steps=1)
+    for key in ("train", "validation"):
+        raw["data"][key] = Path(raw["data"][key]).name
+        (elsewhere / raw["data"][key]).write_text('{"question": "other", "answer": "data"}\n')
+    monkeypatch.chdir(here)
+    _run(raw)
+    adapter = here / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(here / "m")
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "m").mkdir()  # another "m" here
+    target = resolve_target(str(adapter))
+    assert target.model.name_or_path == str(here / "m")
+    assert target.data.validation == str(here / raw["data"]["validation"])
