@@ -418,9 +418,7 @@ def _datasets(cfg: Config, tokenizer, world: int) -> tuple[list[dict], list[dict
     if t.objective != "sft":
         train_set = build_pairs(cfg.data, tokenizer, "train")
         val_set = build_pairs(cfg.data, tokenizer, "validation") if cfg.data.validation else []
-        if len(train_set) < t.batch_size * world:
-            raise DataError(f"data.train: {len(train_set)} usable pairs, fewer than one batch "
-                            f"({t.batch_size} × {world} processes)")
+        _check_one_batch(len(train_set), "pairs", t, world)
         _warn_if_validation_is_trained_on(train_set, val_set, lambda p: (tuple(p["chosen"]["input_ids"]),
                                                                           tuple(p["rejected"]["input_ids"])))
         return train_set, val_set
@@ -429,10 +427,16 @@ def _datasets(cfg: Config, tokenizer, world: int) -> tuple[list[dict], list[dict
     _warn_if_validation_is_trained_on(train_set, val_set, lambda e: tuple(e["input_ids"]))
     if cfg.data.packing:
         train_set = pack(train_set, cfg.data.max_length, t.seed)
-    if len(train_set) < t.batch_size * world:
-        raise DataError(f"data.train: {len(train_set)} usable examples, fewer than one batch "
-                        f"({t.batch_size} × {world} processes)")
+    _check_one_batch(len(train_set), "examples", t, world)
     return train_set, val_set
+
+
+def _check_one_batch(n: int, what: str, t: TrainingConfig, world: int) -> None:
+    """Refuse data smaller than one effective batch: each step would hold the same
+    examples several times, and the batch the run reports would not be the one it trains."""
+    if n < t.batch_size * t.grad_accum * world:
+        raise DataError(f"data.train: {n} usable {what}, fewer than one batch ({t.batch_size} × {t.grad_accum} "
+                        f"accumulation × {world} processes); lower training.batch_size or grad_accum")
 
 
 def _warn_if_validation_is_trained_on(train_set: list[dict], val_set: list[dict], key: Callable) -> None:

@@ -564,6 +564,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                              ["no usable example"]),
     "data fewer than a batch": lambda c: Case(["train", c.with_data(
         '{"question": "1+1=", "answer": "2"}\n')], 2, ["fewer than one batch"]),
+    "data fewer than an accumulated batch": lambda c: Case(["train", c.with_data(
+        '{"question": "1+1=", "answer": "2"}\n' * 4), "--set", "training.grad_accum=2"], 2,
+        ["4 usable examples", "fewer than one batch", "4 × 2 accumulation"]),
     "data bad validation file": lambda c: Case(["train", c.config(lambda r: r["data"].update(
         validation=c.data('{"question": 1}\n', "v.jsonl")))], 2, ["v.jsonl, line 1", "no field 'answer'"]),
     "eval prompt beyond the context": lambda c: Case(["eval", str(c.adapter), "--data", c.data(json.dumps(
