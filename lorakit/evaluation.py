@@ -18,7 +18,7 @@ from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
-from lorakit.files import atomic_file, check_inputs_survive
+from lorakit.files import atomic_file, check_inputs_survive, record_written
 from lorakit.inputs import check_unicode, missing_path, template_fields
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
@@ -226,6 +226,7 @@ def run_eval(target: Target, metrics: list[str], data_file: str | None = None, l
                                    for i, prediction in enumerate(predictions)))
         with atomic_file(output / METRICS_FILE) as tmp:
             tmp.write_text(json.dumps({"data": source, "rows": len(rows), **results}, indent=2))
+        record_written(output, [PREDICTIONS_FILE, METRICS_FILE])  # what --force and --overwrite may replace
     return results
 
 

@@ -47,7 +47,8 @@ _LEGACY_NAMES = re.compile(
     r"adapter|adapter_config\.json|adapter_model\.safetensors|training_config\.yaml|config\.json"
     r"|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
     r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
-    r"|vocab\.json|merges\.txt|[^/]+\.gguf|Modelfile|state\.json|optimizer\.(pt|safetensors)|rng-\d+\.safetensors")
+    r"|vocab\.json|merges\.txt|[^/]+\.gguf|Modelfile|state\.json|optimizer\.(pt|safetensors)|rng-\d+\.safetensors"
+    r"|eval")  # eval's default output, inside the adapter or model it scored
 
 
 def foreign_entries(directory: Path) -> list[str]:
@@ -59,10 +60,29 @@ def foreign_entries(directory: Path) -> list[str]:
         ours = set(json.loads((directory / MANIFEST).read_text()))
     except (OSError, ValueError, TypeError):
         ours = None
-    names = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST)
-    if ours is None:
-        return [n for n in names if not _LEGACY_NAMES.fullmatch(n)]
-    return [n for n in names if n not in ours]
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        listed = _LEGACY_NAMES.fullmatch(entry.name) if ours is None else entry.name in ours
+        # A directory lorakit wrote later into this one (eval's default output) lists its own files.
+        written_later = entry.is_dir() and (entry / MANIFEST).is_file() and not foreign_entries(entry)
+        if entry.name != MANIFEST and not listed and not written_later:
+            foreign.append(entry.name)
+    return foreign
+
+
+def record_written(directory: Path, names: list[str]) -> None:
+    """Add ``names`` to ``directory``'s manifest, for files lorakit writes into a directory
+    it did not build whole (eval's scores). A directory that holds other files and no
+    manifest is left without one: those files stay foreign."""
+    manifest = directory / MANIFEST
+    try:
+        listed = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        if any(p.name not in names for p in directory.iterdir()):
+            return
+        listed = []
+    with atomic_file(manifest) as tmp:
+        tmp.write_text(json.dumps(sorted(set(listed) | set(names))))
 
 
 def check_replaceable(directory: Path, key: str | None = None) -> None:

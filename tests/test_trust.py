@@ -519,3 +519,24 @@ def test_a_run_names_its_base_and_data_by_absolute_path(tiny_model_dir, tmp_path
     target = resolve_target(str(adapter))
     assert target.model.name_or_path == str(here / "m")
     assert target.data.validation == str(here / raw["data"]["validation"])
+
+
+def test_overwrite_and_force_replace_what_lorakit_wrote_and_nothing_else(tiny_model_dir, tmp_path):
+    """Rerunning train → eval → merge → eval (the demo) replaces lorakit's own outputs,
+    eval's scores inside the adapter and merged model included; a file of the user's
+    inside them stops the replacement, by name."""
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    eval_args = ["--limit", "1", "--max-new-tokens", "1"]
+    for command in (["train", str(config), "--overwrite"], ["eval", str(run / "adapter"), *eval_args],
+                    ["merge", str(run / "adapter"), "-o", str(run / "merged"), "--force"],
+                    ["eval", str(run / "merged"), *eval_args]) * 2:
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, (command, result.output)
+    assert (run / "adapter" / "eval" / "metrics.json").is_file() and (run / "merged" / "eval" / "metrics.json").is_file()
+    (run / "merged" / "eval" / "mine.txt").write_text("keep")
+    result = runner.invoke(app, ["merge", str(run / "adapter"), "-o", str(run / "merged"), "--force"])
+    assert result.exit_code == 2 and "lorakit did not write" in result.output
+    assert (run / "merged" / "eval" / "mine.txt").read_text() == "keep"
