@@ -139,7 +139,11 @@ def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> d
         found = {n: s for n, s in found.items() if block_index(n, config.layers_pattern) in config.layers}
     # PEFT never puts an adapter on a module that is trained whole (modules_to_save).
     whole = config.modules_to_save or []
-    found = {n: s for n, s in found.items() if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in whole)}
+    trained_whole = [n for n in found if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in whole)]
+    if trained_whole and strict and isinstance(spec, list):  # a list named it: the config says two things
+        raise LoraError(f"lora.target_modules adapts {trained_whole[0]}, which lora.modules_to_save trains whole; "
+                        "a layer is either adapted or trained whole: drop it from one of them")
+    found = {n: s for n, s in found.items() if n not in trained_whole}
     excluded = config.exclude_modules
     if excluded:
         found = {n: s for n, s in found.items()

@@ -412,6 +412,9 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                     ["training.lr"]),
     "config output_dir is a file": lambda c: Case(["train", c.config(
         lambda r: r["training"].update(output_dir=c.data("x", "out.txt")))], 2, ["training.output_dir", "is a file"]),
+    "config modules_to_save also a target": lambda c: Case(["train", c.config(
+        lambda r: r["lora"].update(modules_to_save=["q_proj"]))], 2,
+        ["lora.target_modules", "q_proj", "modules_to_save", "trains whole"]),
     "config modules_to_save missing": lambda c: Case(["train", c.config(
         lambda r: r["lora"].update(modules_to_save=["score"]))], 2, ["modules_to_save entry 'score'"]),
     "config model is an adapter": lambda c: Case(["train", c.config(
