@@ -113,6 +113,9 @@ def merge_adapters(
         raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
     if not all(math.isfinite(w) for w in weights):
         raise InputError(f"--weights {weights}: every weight must be a finite number")
+    twice = next((a for i, a in enumerate(adapters) if any(a.resolve() == b.resolve() for b in adapters[:i])), None)
+    if twice is not None:
+        raise InputError(f"the adapter {twice} is given twice; to scale one adapter, give it once with --weights")
     dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -639,6 +639,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "merge output not empty": lambda c: (c.data("x", "out/x"), Case(
         ["merge", str(c.adapter), "-o", str(c.root / "out")], 2, ["not empty", "--force"]))[1]
         if (c.root / "out").mkdir() is None else None,
+    "merge the same adapter twice": lambda c: Case(["merge", str(c.adapter), str(c.root / "adapter" / ".." / "adapter"),
+                                                    "-o", str(c.root / "m")], 2, ["given twice", "--weights"]),
     "merge weights text": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--weights", "a"], 2,
                                          ["--weights"]),
     "merge weights count": lambda c: Case(["merge", str(c.adapter), "-o", str(c.root / "m"), "--weights", "1,2"], 2,
