@@ -11,6 +11,7 @@ had run with these.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -109,6 +110,11 @@ def grid_points(grids: list[tuple[str, list]], full_finetune: bool = False, full
         points.append(Point(name, [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]))
     if full_finetune:
         points.append(Point(f"full,lr={full_lr:g}", ["method=full", "lora=null", f"training.lr={full_lr}"]))
+    # Values that read alike in a directory name ([q,v] and "q|v" are both q-v) must not share one.
+    names = [p.name for p in points]
+    for point in points:
+        if names.count(point.name) > 1:
+            point.name += "-" + hashlib.sha256(json.dumps(point.overrides).encode()).hexdigest()[:6]
     return points
 
 

@@ -25,6 +25,8 @@ def test_grid_parsing():
     assert points[-1].overrides == ["method=full", "lora=null", "training.lr=2e-05"]
     with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
         parse_grid(["lora.r"])
+    alike = grid_points(parse_grid(["lora.target_modules=[q,v],q|v,all-linear"]))  # [q,v] and q|v both read q-v
+    assert len({p.name for p in alike}) == 3 and alike[2].name == "target_modules=all-linear"
 
 
 def test_sweep_rows_resume_and_cli(tiny_model_dir, tmp_path, monkeypatch):
