@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from contextlib import ExitStack
 from enum import Enum
@@ -132,6 +133,11 @@ def _handled(command: Callable) -> Callable:
             fail_message(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as e:  # noqa: BLE001 — the last line of defence: a message, not a traceback
+            # safetensors reports a failed write (a full disk) as its own error, not an OSError
+            io = re.search(r"I/O error: (.*?) \(os error \d+\)", str(e))
+            if io:
+                fail_message(f"writing safetensors weights failed: {io.group(1)}; nothing was replaced")
+                raise typer.Exit(EXIT_FAILURE) from None
             return _unexpected(e)
 
     return run

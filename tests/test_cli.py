@@ -84,3 +84,22 @@ def test_missing_models_are_clean_errors(tiny_model_dir, tmp_path):
 def test_bad_sweep_grid_exits_2(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["sweep", _config(tmp_path, tiny_config(tmp_path, tiny_model_dir)), "--grid", "lora.r"])
     assert result.exit_code == 2 and "expected KEY=V1,V2" in result.output
+
+
+def test_a_full_disk_while_writing_weights_is_named_not_unexpected(capsys):
+    """safetensors reports a failed write as its own error type: a full disk reads as
+    such, with the failure exit code, not as a lorakit bug."""
+    import pytest
+    import typer
+    from safetensors import SafetensorError
+
+    from lorakit.cli import _handled
+
+    def write():
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(typer.Exit) as stopped:
+        _handled(write)()
+    assert stopped.value.exit_code == 1
+    said = capsys.readouterr()
+    assert "No space left on device" in said.out + said.err and "unexpected" not in said.out + said.err
