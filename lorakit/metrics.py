@@ -5,6 +5,11 @@ fetches anything from the Hub.
 ``rouge-score`` package's per-example scores. ``bleu``: corpus BLEU-4 (Papineni et al.,
 no smoothing) over lower-cased word/punctuation tokens. ``exact_match``: the share of
 predictions equal to their reference after stripping and lower-casing.
+
+Both split text into words the same way (``words``): runs of letters and digits in any
+script, and each Chinese or Japanese character on its own (those scripts put no spaces
+between words). ``rouge-score``'s own tokenizer keeps only ``a-z0-9``: it scored two
+identical Russian or Chinese sentences 0. On English text the two split alike.
 """
 
 from __future__ import annotations
@@ -19,6 +24,28 @@ import evaluate
 _FEATURES = datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")})
 
 
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and CJK ideographs
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words: runs of letters and digits (any script), each CJK character alone."""
+    return _WORD.findall(text.lower())
+
+
+class _RougeWords:
+    """``rouge-score``'s tokenizer interface over ``words``, Porter-stemming English words
+    longer than 3 characters as its default tokenizer does."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words(text)]
+
+
 class Rouge(evaluate.Metric):
     """ROUGE-1/2/L F-measure (stemmed), averaged over examples."""
 
@@ -29,13 +56,14 @@ class Rouge(evaluate.Metric):
         from rouge_score import rouge_scorer
 
         keys = ["rouge1", "rouge2", "rougeL"]
-        scorer = rouge_scorer.RougeScorer(keys, use_stemmer=True)
+        scorer = rouge_scorer.RougeScorer(keys, tokenizer=_RougeWords())
         scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
         return {k: sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in keys}
 
 
 def _tokens(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text.lower())
+    """BLEU's tokens: ``words`` and each punctuation mark."""
+    return re.findall(rf"{_WORD.pattern}|[^\w\s]|_", text.lower())
 
 
 class Bleu(evaluate.Metric):

@@ -43,6 +43,19 @@ def test_rouge_matches_rouge_score_exactly():
     assert expected["rouge1"] > 0
 
 
+def test_rouge_and_bleu_score_any_script():
+    """rouge-score's own tokenizer keeps only a-z0-9: identical Russian or Chinese text
+    scored 0. lorakit's words keep every script, each CJK character a word."""
+    from lorakit.metrics import words
+
+    same = ["Привет, мир", "你好世界", "café au lait"]
+    assert score("rouge", same, same) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert score("bleu", ["你好世界朋友们好"], ["你好世界朋友们好"])["bleu"] == 1.0
+    assert score("rouge", ["Привет мир"], ["Пока всем"])["rouge1"] == 0.0
+    assert score("rouge", ["世界你好"], ["你好世界"])["rouge1"] == 1.0  # same characters, another order
+    assert words("Привет, мир! 你好 l'été_2") == ["привет", "мир", "你", "好", "l", "été", "2"]
+
+
 def test_bleu_and_exact_match_by_hand():
     # 7 predicted tokens, 6 reference tokens: precisions 6/7, 5/6, 4/5, 3/4, no brevity penalty.
     bleu = score("bleu", ["the cat sat on the mat today"], ["the cat sat on the mat"])["bleu"]
