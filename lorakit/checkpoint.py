@@ -266,6 +266,24 @@ def resume_changes(state: dict, config: Config, data_fingerprint: dict) -> dict:
     return changes
 
 
+def _state_problem(state, path: Path) -> str | None:
+    """What makes ``state`` (a checkpoint's state.json) unusable, or None. Its step must be
+    the directory's, and its scheduler must stand at that step."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    step, scheduler, processes = state["step"], state["scheduler"], state["processes"]
+    state["config_hash"], state["config"]  # present
+    named = _STEP_DIR.match(path.name)
+    if type(step) is not int or (named and step != int(named.group(1))):
+        return f"step {step!r} in a directory named {path.name}"
+    if type(processes) is not int or processes < 1:
+        return f"processes {processes!r}"
+    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != step or \
+            not isinstance(scheduler.get("base_lrs"), list):
+        return "its learning-rate schedule does not stand at its step"
+    return None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, accelerator,
                     data_fingerprint: dict) -> tuple[int, dict]:
     """Restore adapter, optimizer, scheduler and this process's RNG from ``path``.
@@ -282,9 +300,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: Config, acc
 
     try:
         state = json.loads((path / "state.json").read_text())
-        int(state["step"]), state["config_hash"], state["config"], state["processes"], state["scheduler"]
+        problem = _state_problem(state, path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ResumeError(f"{path / 'state.json'}: not a lorakit checkpoint state ({type(e).__name__}: {e})") from None
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise ResumeError(f"{path / 'state.json'}: not a lorakit checkpoint state ({problem})") from None
     if state["config_hash"] != _hash(fingerprint(config)):
         diffs = "; ".join(differences(state["config"], fingerprint(config)))
         allowed = ", ".join(f"training.{k}" for k in sorted((*_FREE_KEYS, *RECOVERY_KEYS)))

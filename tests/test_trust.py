@@ -540,3 +540,23 @@ def test_overwrite_and_force_replace_what_lorakit_wrote_and_nothing_else(tiny_mo
     result = runner.invoke(app, ["merge", str(run / "adapter"), "-o", str(run / "merged"), "--force"])
     assert result.exit_code == 2 and "lorakit did not write" in result.output
     assert (run / "merged" / "eval" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"step": 10**15}, "step 1000000000000000 in a directory named step-2"),
+    ({"step": -5}, "step -5 in a directory named step-2"),
+    ({"processes": 0}, "processes 0"),
+    ({"scheduler": {"x": 1}}, "schedule does not stand at its step"),
+])
+def test_a_checkpoint_state_that_contradicts_itself_is_refused(tiny_model_dir, tmp_path, edit, says):
+    """state.json is not covered by its own checksums: a step that is not its directory's
+    (a run 'resumed' past its end and finished silently) or a schedule elsewhere is refused."""
+    raw = tiny_config(tmp_path, tiny_model_dir, max_steps=2, save_every=2)
+    _run(raw)
+    state_file = tmp_path / "run" / "checkpoints" / "step-2" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), **edit}))
+    raw["training"]["max_steps"] = 4
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", str(config), "--resume"])
+    assert result.exit_code == 2 and says in result.output and "unexpected" not in result.output, result.output
