@@ -173,7 +173,7 @@ def row_field(row: dict, name: str, where: str) -> str:
         if name in row:
             raise DataError(f"{where}: field {name!r} is null, not text")
         raise DataError(f"{where}: no field {name!r} (the row has {_present(row) or 'no fields'})")
-    if isinstance(value, (dict, list)):
+    if isinstance(value, (dict, list, bytes, bytearray)):  # bytes: a binary parquet column, repr'd as b'...'
         raise DataError(f"{where}: field {name!r} holds a {type(value).__name__}, not text")
     if isinstance(value, bool):  # as JSON writes it, not Python's True
         return "true" if value else "false"

@@ -268,6 +268,16 @@ def _parquet_twice(c: Ctx) -> str:
     return c.config(lambda raw: raw["data"].update(train=str(path), validation=None))
 
 
+def _parquet_bytes(c: Ctx) -> str:
+    """A binary answer column: str() would train Python's b'2'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = c.root / "d.parquet"
+    pq.write_table(pa.table({"question": ["1+1="], "answer": [b"2"]}), path)
+    return c.config(lambda raw: raw["data"].update(train=str(path), validation=None))
+
+
 def _nan(c: Ctx) -> str:
     key = c.first("lora_B.weight")
     return c.tensors(lambda s: s.__setitem__(key, s[key] * float("nan")))
@@ -526,6 +536,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
         "question,answer,answer\n1+1=,2,3\n", "d.csv")], 2, ["d.csv", "'answer' twice"]),
     "data parquet column twice": lambda c: Case(["data", "preview", _parquet_twice(c)], 2,
                                                 ["d.parquet", "Multiple matches", "answer"]),
+    "data parquet binary column": lambda c: Case(["data", "preview", _parquet_bytes(c)], 2,
+                                                ["d.parquet, row 1", "'answer'", "bytes, not text"]),
     "data parquet garbage": lambda c: Case(["data", "preview", c.with_data(b"not parquet at all", "d.parquet")], 2,
                                            ["d.parquet", "parquet"]),
     "data unknown extension": lambda c: Case(["data", "preview", c.with_data("x", "d.txt")], 2,
