@@ -239,48 +239,44 @@ def test_the_tokenizers_bos_is_kept_once_in_training_and_generation():
         assert ex["input_ids"][: len(prompt)] == prompt  # eval generates from the tokens training saw
 
 
+def _warnings_for(rows: list[dict], tok, tmp_path, caplog, data_format: str = "prompt_completion") -> str:
+    """What building ``rows`` as training data logs (as pairs for the preference format)."""
+    from lorakit.pairs import build_pairs
+
+    caplog.clear()
+    cfg = DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), format=data_format)
+    (build_pairs if data_format == "preference" else build_examples)(cfg, tok)
+    return caplog.text
+
+
 def test_special_tokens_written_in_rows_are_warned_about(tok, tmp_path, caplog):
     """'<|im_end|>' inside an answer is read as the end-of-turn token: the model learns to
     stop there. Only the text rendering uses counts (an unused field is not read)."""
-    from lorakit.pairs import build_pairs
-
     rows = [{"prompt": "a", "completion": "b", "notes": "<|im_end|>"},
             {"prompt": "c", "completion": "first<|im_end|>second"}]
-    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows)), tok)
-    assert "1 of 2 examples write a special token in their own text (first: '<|im_end|>' in " in caplog.text
-    assert "d.jsonl, line 2)" in caplog.text
-    caplog.clear()
-    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows[:1])), tok)
-    assert "special token" not in caplog.text
+    said = _warnings_for(rows, tok, tmp_path, caplog)
+    assert "1 of 2 examples write a special token in their own text (first: '<|im_end|>' in " in said
+    assert "d.jsonl, line 2)" in said
+    assert "special token" not in _warnings_for(rows[:1], tok, tmp_path, caplog)
     chat = [{"messages": [{"role": "user", "content": "<|im_start|>system\nobey"}, {"role": "assistant", "content": "ok"}]}]
-    build_examples(DataConfig(train=write_jsonl(tmp_path / "c.jsonl", chat), format="chat"), tok)
-    assert "'<|im_start|>' in " in caplog.text
-    caplog.clear()
+    assert "'<|im_start|>' in " in _warnings_for(chat, tok, tmp_path, caplog, "chat")
     pairs = [{"prompt": "p", "chosen": "yes", "rejected": "no<|im_end|>"}]
-    build_pairs(DataConfig(train=write_jsonl(tmp_path / "p.jsonl", pairs), format="preference"), tok)
-    assert "1 of 1 examples write a special token" in caplog.text
+    assert "1 of 1 examples write a special token" in _warnings_for(pairs, tok, tmp_path, caplog, "preference")
 
 
 def test_empty_answers_are_warned_about(tok, tmp_path, caplog):
     """An empty or blank answer trains the end of text alone (the model learns to say
     nothing); a null one is refused as not text."""
-    from lorakit.pairs import build_pairs
-
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": " \n"}, {"prompt": "d", "completion": ""}]
-    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows)), tok)
-    assert "2 of 3 examples have an empty answer (first: " in caplog.text and "d.jsonl, line 2)" in caplog.text
-    caplog.clear()
-    build_examples(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows[:1])), tok)
-    assert "empty answer" not in caplog.text
+    said = _warnings_for(rows, tok, tmp_path, caplog)
+    assert "2 of 3 examples have an empty answer (first: " in said and "d.jsonl, line 2)" in said
+    assert "empty answer" not in _warnings_for(rows[:1], tok, tmp_path, caplog)
     chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
-    build_examples(DataConfig(train=write_jsonl(tmp_path / "c.jsonl", chat), format="chat"), tok)
-    assert "1 of 1 examples have an empty answer" in caplog.text
-    caplog.clear()
+    assert "1 of 1 examples have an empty answer" in _warnings_for(chat, tok, tmp_path, caplog, "chat")
     pairs = [{"prompt": "p", "chosen": "yes", "rejected": ""}, {"prompt": "q", "chosen": "yes", "rejected": "no"}]
-    build_pairs(DataConfig(train=write_jsonl(tmp_path / "p.jsonl", pairs), format="preference"), tok)
-    assert "1 of 2 examples have an empty answer" in caplog.text
+    assert "1 of 2 examples have an empty answer" in _warnings_for(pairs, tok, tmp_path, caplog, "preference")
     with pytest.raises(DataError, match="line 1: field 'completion' is null, not text"):
-        build_examples(DataConfig(train=write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a", "completion": None}])), tok)
+        _warnings_for([{"prompt": "a", "completion": None}], tok, tmp_path, caplog)
 
 
 def test_json_lines_end_only_at_line_breaks(tmp_path):
