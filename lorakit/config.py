@@ -580,6 +580,8 @@ def saved_config_dict(config: Config) -> dict:
     data = config_to_dict(config)
     for section, key in (("model", "name_or_path"), ("data", "train"), ("data", "validation"), ("lora", "init_from")):
         value = (data.get(section) or {}).get(key)
+        if value == DEFAULT_MODEL and section == "model":  # the embedded model, whatever the directory holds
+            continue
         if isinstance(value, str) and value and Path(value).expanduser().exists():
             data[section][key] = str(Path(value).expanduser().resolve())
     return data
