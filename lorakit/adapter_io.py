@@ -15,12 +15,15 @@ tensor (names, shapes, dtypes, finite values) before the model is touched.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +236,21 @@ def base_sample(model: nn.Module) -> dict | None:
     rows, cols = weight.shape
     picks = weight.detach()[torch.arange(64) * rows // 64, torch.arange(64) * 7 % cols]
     return {"shape": [rows, cols], "values": [float(f"{v:.6g}") for v in picks.float().tolist()]}
+
+
+_ANY_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("any_base", default=False)
+
+
+@contextmanager
+def any_base() -> Iterator[None]:
+    """Inside the block, an adapter loads onto a base other than the one it was trained on
+    (same shapes, other weights: e.g. an adapter of a base model put on its instruct
+    version), with a warning instead of an error (the command line's ``--any-base``)."""
+    token = _ANY_BASE.set(True)
+    try:
+        yield
+    finally:
+        _ANY_BASE.reset(token)
 
 
 def same_base(a: dict, b: dict) -> bool:
@@ -502,7 +520,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     checked before the model is touched, so a refused adapter leaves it unchanged.
 
     Raises:
-        LoraError: naming the first problem (and how many more there are).
+        LoraError: naming the first problem (and how many more there are), or an adapter
+            whose base was another model of the same shapes (unless inside ``any_base``).
     """
     adapter = read_adapter(directory)
     problems = adapter_problems(model, adapter)
@@ -511,10 +530,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise LoraError(f"{adapter.path} does not fit this model: {problems[0]}{more}")
     here = base_sample(model) if adapter.base_sample else None
     if here and not same_base(adapter.base_sample, here):
-        logger.warning("%s was trained on another base: the shapes fit, but this model's input embeddings differ "
-                       "from those of the base it was trained on, so the adapter will not do what its training "
-                       "measured. Pass the base it was trained on (--base) unless this is what you want.",
-                       adapter.path)
+        problem = (f"{adapter.path} was trained on another base than {getattr(model, 'name_or_path', '') or 'this model'}: "
+                   "the shapes fit, but this model's input embeddings differ from those of the base it was trained "
+                   "on, so the adapter would not do what its training measured")
+        if not _ANY_BASE.get():
+            raise LoraError(f"{problem}. Pass the base it was trained on (--base), or --any-base if this is the "
+                            "base you mean")
+        logger.warning("%s (loaded anyway: --any-base)", problem)
     tensors = dict(adapter.tensors)
     if lora_modules(model):
         # Layers initialised from their base weight (a run being resumed) read the plain LoRA

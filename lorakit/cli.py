@@ -8,6 +8,7 @@ Heavy libraries are imported inside the commands, so ``--help`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -151,6 +152,22 @@ def _unexpected(error: Exception) -> None:
     raise typer.Exit(EXIT_FAILURE) from None
 
 
+ANY_BASE_OPT = typer.Option(False, "--any-base", help="Load the adapter even on a base other than the one it was "
+                            "trained on (same shapes, other weights, e.g. its instruct version); refused otherwise.")
+
+
+@contextlib.contextmanager
+def _base_choice(allow: bool):
+    """``--any-base``: adapters load onto another base than their own, with a warning."""
+    if not allow:
+        yield
+        return
+    from lorakit.adapter_io import any_base
+
+    with any_base():
+        yield
+
+
 def _load(config: Path, overrides: list[str]):
     from lorakit.config import load_config
 
@@ -210,6 +227,7 @@ def merge(
                               "they were trained against, or the original 'full-precision' ones."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight per adapter, e.g. 0.7,0.3."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    any_base: bool = ANY_BASE_OPT,
     trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Fold adapters into the base model and write a checkpoint plain transformers loads.
@@ -225,7 +243,8 @@ def merge(
     from lorakit.merge import merge_adapters
     from lorakit.report import merge_summary
 
-    merge_summary(merge_adapters(adapters, output, base, dtype.value, into.value, parsed, force, trust_remote_code))
+    with _base_choice(any_base):
+        merge_summary(merge_adapters(adapters, output, base, dtype.value, into.value, parsed, force, trust_remote_code))
 
 
 @app.command()
@@ -243,6 +262,7 @@ def export(
     base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
     name: Optional[str] = typer.Option(None, help="Model name in the printed serve command (default: the run's name)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    any_base: bool = ANY_BASE_OPT,
     trust_remote_code: bool = TRUST_OPT,
 ) -> None:
     """Turn an adapter into what a serving engine runs: llama.cpp, Ollama, vLLM, SGLang.
@@ -255,8 +275,9 @@ def export(
     from lorakit.export import export as run_export
     from lorakit.report import export_summary
 
-    export_summary(run_export(adapter, to.value, output, merged, outtype.value, base, force, trust_remote_code,
-                              name=name))
+    with _base_choice(any_base):
+        export_summary(run_export(adapter, to.value, output, merged, outtype.value, base, force, trust_remote_code,
+                                  name=name))
 
 
 @app.command("eval")
@@ -271,6 +292,7 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, help="Where metrics.json and predictions.jsonl go (default: TARGET/eval)."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model and show the gain."),
     base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),
+    any_base: bool = ANY_BASE_OPT,
     dtype: ComputeDtype = COMPUTE_OPT,
     trust_remote_code: bool = TRUST_OPT,
 ) -> None:
@@ -286,8 +308,9 @@ def eval_command(
     out = output or (Path(target) / "eval" if Path(target).is_dir() else Path("eval"))
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} is a file, not a directory")
-    results = run_eval(resolve_target(target, base, trust_remote_code, dtype.value), [m.value for m in metric], data, limit, max_new_tokens,
-                       batch_size, out, compare_base)
+    with _base_choice(any_base):
+        results = run_eval(resolve_target(target, base, trust_remote_code, dtype.value), [m.value for m in metric],
+                           data, limit, max_new_tokens, batch_size, out, compare_base)
     eval_table(target, results)
     note("scores and predictions written to", out)
 
@@ -301,6 +324,7 @@ def generate(
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: load another adapter onto the same base."),
     use: Optional[str] = typer.Option(None, help="Which adapter answers (default: TARGET's, else the first)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Generation length limit."),
+    any_base: bool = ANY_BASE_OPT,
     dtype: ComputeDtype = COMPUTE_OPT,
     trust_remote_code: bool = TRUST_OPT,
 ) -> None:
@@ -318,18 +342,19 @@ def generate(
     _quiet_libraries()
     from lorakit.evaluation import Switcher
 
-    switcher = Switcher(target, named, use, trust_remote_code, dtype.value)
-    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the check as text, not as a crash
-        sys.stdin.reconfigure(errors="surrogateescape")
-    for line in prompt or (line.rstrip("\n") for line in sys.stdin):
-        if line.startswith(":use "):
-            try:  # a typo in an interactive session must not end it
-                switcher.use(line[5:].strip())
-                note("using adapter", switcher.active)
-            except InputError as e:
-                fail_message(str(e))
-        elif line.strip():
-            typer.echo(switcher.answer(line, max_new_tokens))
+    with _base_choice(any_base):
+        switcher = Switcher(target, named, use, trust_remote_code, dtype.value)
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the check as text, not as a crash
+            sys.stdin.reconfigure(errors="surrogateescape")
+        for line in prompt or (line.rstrip("\n") for line in sys.stdin):
+            if line.startswith(":use "):
+                try:  # a typo in an interactive session must not end it
+                    switcher.use(line[5:].strip())
+                    note("using adapter", switcher.active)
+                except InputError as e:
+                    fail_message(str(e))
+            elif line.strip():
+                typer.echo(switcher.answer(line, max_new_tokens))
 
 
 @app.command()

@@ -113,7 +113,12 @@ def test_wrong_base_fails_naming_module_and_changes_nothing(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in bigger.state_dict().items())
     with pytest.raises(LoraError, match=r"does not fit this model: target_modules \['o_proj', 'q_proj', 'v_proj'\] matched no layer of GPT2LMHeadModel"):
         load_adapter(build("gpt2"), tmp_path / "adapter")
-    assert load_adapter(other, tmp_path / "adapter") is other
+    with pytest.raises(LoraError, match="trained on another base than this model"):  # the shapes fit, the weights differ
+        load_adapter(other, tmp_path / "adapter")
+    from lorakit.adapter_io import any_base
+
+    with any_base():
+        assert load_adapter(other, tmp_path / "adapter") is other
 
 
 def test_missing_and_unexpected_keys_fail(tmp_path):
@@ -152,16 +157,24 @@ def test_save_without_lora_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_an_adapter_on_another_base_of_the_same_shapes_is_warned_about(arch, tmp_path, caplog):
+def test_an_adapter_on_another_base_of_the_same_shapes_is_refused(arch, tmp_path, caplog):
     """Shapes cannot tell two bases of one architecture apart; the input embeddings sampled
-    into the adapter's metadata can, across dtypes."""
+    into the adapter's metadata can, across dtypes. Another base is refused, unless the
+    caller says it means it (``any_base``, the command line's --any-base): then warned."""
+    from lorakit.adapter_io import any_base
+
     _trained(arch, tmp_path)
     with caplog.at_level("WARNING", logger="lorakit"):
         load_adapter(build(arch), tmp_path / "adapter")
         load_adapter(build(arch).to(torch.bfloat16), tmp_path / "adapter")
         assert "trained on another base" not in caplog.text
-        load_adapter(build(arch, seed=7), tmp_path / "adapter")
-    assert caplog.text.count("trained on another base") == 1
+        other = build(arch, seed=7)
+        with pytest.raises(LoraError, match="trained on another base .*--any-base"):
+            load_adapter(other, tmp_path / "adapter")
+        assert not lora_modules(other)  # refused before the model was touched
+        with any_base():
+            load_adapter(other, tmp_path / "adapter")
+    assert caplog.text.count("trained on another base") == 1 and "loaded anyway" in caplog.text
 
 
 @pytest.mark.parametrize("hint", ['{"shape": [1, 2], "values": [1, 2]}', "[1, 2]", "not json",

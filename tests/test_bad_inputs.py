@@ -219,6 +219,19 @@ def _eval_onto_data(c: Ctx, data: str) -> Case:
                 ["--output", written, "--data"], intact=[Path(path)])
 
 
+def _same_shapes_other_base(c: Ctx, command: str) -> Case:
+    """The adapter on a base of the same shapes but other weights, named with --base."""
+    other = c.root / "other"
+    shutil.copytree(c.model, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v * 1.5 for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    args = {"eval": ["eval", str(c.adapter), "--limit", "1", "--max-new-tokens", "1"],
+            "merge": ["merge", str(c.adapter), "-o", str(c.root / "m")],
+            "generate": ["generate", str(c.adapter), "--prompt", "1+1="]}[command]
+    return Case([*args, "--base", str(other)] if command != "generate" else args, 2,
+                ["trained on another base", "--any-base"], absent=[c.root / "m"])
+
+
 def _merge_into(c: Ctx, where: str) -> Case:
     output = {"itself": c.adapter, "run": c.adapter.parent, "inside": c.adapter / "merged"}[where]
     weights = c.adapter / "adapter_model.safetensors"
@@ -770,6 +783,8 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                              ["does not fit", "no tensor for"]),
     "adapter for another base": lambda c: Case(["eval", str(c.adapter), "--base", save_tiny_model(
         c.root / "wide", hidden=96)], 2, ["does not fit", "the model needs"]),
+    "adapter for another base of the same shapes": lambda c: _same_shapes_other_base(c, "eval"),
+    "adapter for another base of the same shapes merge": lambda c: _same_shapes_other_base(c, "merge"),
     "adapter inspect against another base": lambda c: Case(["inspect", str(c.adapter), "--base", save_tiny_model(
         c.root / "wide", hidden=96)], 2, ["does not fit"]),
     "adapter saved config python tag": lambda c: (
