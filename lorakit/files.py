@@ -57,9 +57,10 @@ def foreign_entries(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
     try:
-        ours = set(json.loads((directory / MANIFEST).read_text()))
-    except (OSError, ValueError, TypeError):
-        ours = None
+        listed = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        listed = None
+    ours = set(listed) if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else None
     foreign = []
     for entry in sorted(directory.iterdir()):
         listed = _LEGACY_NAMES.fullmatch(entry.name) if ours is None else entry.name in ours
@@ -78,7 +79,9 @@ def record_written(directory: Path, names: list[str]) -> None:
     try:
         listed = json.loads(manifest.read_text())
     except (OSError, ValueError):
-        if any(p.name not in names for p in directory.iterdir()):
+        listed = None
+    if not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
+        if any(p.name not in names for p in directory.iterdir() if p.name != MANIFEST):
             return
         listed = []
     with atomic_file(manifest) as tmp:

@@ -560,3 +560,15 @@ def test_a_checkpoint_state_that_contradicts_itself_is_refused(tiny_model_dir, t
     config.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["train", str(config), "--resume"])
     assert result.exit_code == 2 and says in result.output and "unexpected" not in result.output, result.output
+
+
+@pytest.mark.parametrize("manifest", ['"thesis.txt"', '{"thesis.txt": 1}', "[1, 2]", "not json"])
+def test_a_malformed_file_list_protects_nothing_less(tmp_path, manifest):
+    """A directory's .lorakit-files.json that is not a list of names counts as absent: only
+    lorakit's own file names may then be replaced (a string must not list its letters)."""
+    from lorakit.files import MANIFEST, foreign_entries
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "thesis.txt").write_text("mine")
+    (tmp_path / MANIFEST).write_text(manifest)
+    assert foreign_entries(tmp_path) == ["thesis.txt"]
