@@ -156,16 +156,13 @@ ANY_BASE_OPT = typer.Option(False, "--any-base", help="Load the adapter even on 
                             "trained on (same shapes, other weights, e.g. its instruct version); refused otherwise.")
 
 
-@contextlib.contextmanager
-def _base_choice(allow: bool):
+def _base_choice(allow: bool) -> contextlib.AbstractContextManager:
     """``--any-base``: adapters load onto another base than their own, with a warning."""
     if not allow:
-        yield
-        return
+        return contextlib.nullcontext()
     from lorakit.adapter_io import any_base
 
-    with any_base():
-        yield
+    return any_base()
 
 
 def _load(config: Path, overrides: list[str]):

@@ -51,16 +51,22 @@ _LEGACY_NAMES = re.compile(
     r"|eval")  # eval's default output, inside the adapter or model it scored
 
 
+def _manifest(directory: Path) -> set[str] | None:
+    """The names ``directory``'s manifest lists; None when it has none (or one that is not
+    a list of names)."""
+    try:
+        listed = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return set(listed) if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else None
+
+
 def foreign_entries(directory: Path) -> list[str]:
     """What ``directory`` holds that lorakit did not write there (its manifest says what
     it did), so that replacing the directory would lose it."""
     if not directory.is_dir():
         return []
-    try:
-        listed = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        listed = None
-    ours = set(listed) if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else None
+    ours = _manifest(directory)
     foreign = []
     for entry in sorted(directory.iterdir()):
         listed = _LEGACY_NAMES.fullmatch(entry.name) if ours is None else entry.name in ours
@@ -75,17 +81,13 @@ def record_written(directory: Path, names: list[str]) -> None:
     """Add ``names`` to ``directory``'s manifest, for files lorakit writes into a directory
     it did not build whole (eval's scores). A directory that holds other files and no
     manifest is left without one: those files stay foreign."""
-    manifest = directory / MANIFEST
-    try:
-        listed = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        listed = None
-    if not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
+    listed = _manifest(directory)
+    if listed is None:
         if any(p.name not in names for p in directory.iterdir() if p.name != MANIFEST):
             return
-        listed = []
-    with atomic_file(manifest) as tmp:
-        tmp.write_text(json.dumps(sorted(set(listed) | set(names))))
+        listed = set()
+    with atomic_file(directory / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(sorted(listed | set(names))))
 
 
 def check_replaceable(directory: Path, key: str | None = None) -> None:

@@ -126,11 +126,11 @@ def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetun
 
     base = load_config(config, overrides)  # fails fast on a bad config, before any training
     root = Path(base.training.output_dir) / "sweep"
-    points = []
+    points, digests = [], {}  # data files are hashed once, whatever the number of points
     for point in grid_points(parse_grid(grids), full_finetune, full_lr):  # every point checked before any trains
         out = root / point.name
         cfg = load_config(config, [*overrides, *point.overrides, f"training.output_dir={out}"])
-        settings = _settings(cfg, metrics, limit, max_new_tokens)
+        settings = _settings(cfg, metrics, limit, max_new_tokens, digests)
         _check_point(out, settings)
         points.append((point, out, cfg, settings))
     rows = []
@@ -161,11 +161,16 @@ def run_sweep(config: Path, overrides: list[str], grids: list[str], full_finetun
     return rows
 
 
-def _settings(cfg: Config, metrics: list[str] | None, limit: int | None, max_new_tokens: int) -> dict:
-    """What a point's result depends on: its config, its data files' contents, its scoring."""
+def _settings(cfg: Config, metrics: list[str] | None, limit: int | None, max_new_tokens: int,
+              digests: dict[str, str]) -> dict:
+    """What a point's result depends on: its config, its data files' contents (SHA-256,
+    memoised by path in ``digests``), its scoring."""
     files = {key: getattr(cfg.data, key) for key in ("train", "validation")}
+    for path in files.values():
+        if path and path not in digests and Path(path).is_file():
+            digests[path] = file_digest(Path(path))
     return {"config": config_to_dict(cfg),
-            "data": {key: file_digest(Path(path)) for key, path in files.items() if path and Path(path).is_file()},
+            "data": {key: digests[path] for key, path in files.items() if path in digests},
             "scoring": {"metrics": sorted(metrics or []), "limit": limit,
                         "max_new_tokens": max_new_tokens if metrics else None}}
 
