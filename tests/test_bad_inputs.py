@@ -843,3 +843,13 @@ def test_bad_input(name, tmp_path, tiny_model_dir, good_adapter, monkeypatch):
 
 def test_there_are_at_least_a_hundred_cases():
     assert len(CASES) >= 100
+
+
+def test_any_base_loads_an_adapter_on_another_base_with_a_warning(tmp_path, tiny_model_dir, good_adapter):
+    """The refusal above has a way through for the deliberate case: --any-base."""
+    shutil.copytree(good_adapter, tmp_path / "adapter")
+    case = _same_shapes_other_base(Ctx(tmp_path, tiny_model_dir, tmp_path / "adapter"), "merge")
+    result = runner.invoke(app, [*case.args, "--any-base"])
+    assert result.exit_code == 0, result.output
+    assert "trained on another base" in result.output and "loaded anyway: --any-base" in result.output
+    assert (tmp_path / "m" / "model.safetensors").is_file()
