@@ -100,18 +100,37 @@ class SharedInput:
         return part
 
 
+_FEW_DROPS = 0.15  # up to this rate, drawing where the drops fall is cheaper than a draw per element
+
+
 def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """A CPU keep-mask of ones and zeros in ``like``'s shape and dtype, for dropout at rate
     ``p``; the same for the same ``seed``.
 
-    32-bit draws from numpy's SFC64 (3× torch's CPU generator here, the random numbers
-    being most of dropout's cost) compared with ``p·2³²``: ``p`` is honoured to 2⁻³³. The
-    comparison writes ``like``'s dtype directly: a bool mask would be converted at every use.
+    The random numbers are most of dropout's cost on a CPU, so they come from numpy's
+    SFC64 (3× torch's CPU generator here), and as few as possible. At the usual small
+    rates only the drops are drawn: the gaps between them are geometric, one draw per
+    dropped element (2× faster at p = 0.05), and ``p`` is honoured to a double's
+    precision. Above ``_FEW_DROPS``, 32-bit draws per element are compared with
+    ``p·2³²`` (``p`` honoured to 2⁻³³). Either way each element is dropped independently
+    with probability ``p``. The mask is written in ``like``'s dtype: a bool mask would be
+    converted at every use.
     """
     n = like.numel()
-    draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
-    return torch.ge(draws.view(like.shape), round(p * 2**32) - 2**31,
-                    out=torch.empty(like.shape, dtype=like.dtype))
+    if p > _FEW_DROPS:
+        draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
+        return torch.ge(draws.view(like.shape), round(p * 2**32) - 2**31,
+                        out=torch.empty(like.shape, dtype=like.dtype))
+    rng = np.random.Generator(np.random.SFC64(seed))
+    keep = torch.ones(n, dtype=like.dtype)
+    last = -1  # where the previous drop fell
+    while True:
+        drops = np.cumsum(rng.geometric(p, size=int(n * p * 1.05) + 64)) + last
+        inside = int(np.searchsorted(drops, n))
+        keep.index_fill_(0, torch.from_numpy(drops[:inside]), 0)
+        if inside < len(drops):
+            return keep.view(like.shape)
+        last = int(drops[-1])
 
 
 def _new_seed() -> int:

@@ -213,7 +213,7 @@ def test_parameter_count_formula(d_in, d_out, r, expected):
         assert round(1 - n / (d_in * d_out), 2) == 0.86  # the seeds' 86% reduction
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.15, 0.5])  # drops drawn where they fall, up to 0.15; a draw each above
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_is_inverted_dropout_at_rate_p(p, dtype):
     from lorakit.fastpath import dropout
@@ -226,6 +226,23 @@ def test_dropout_is_inverted_dropout_at_rate_p(p, dtype):
     out.float().sum().backward()
     assert torch.equal(x.grad != 0, kept)  # gradient flows through the same mask
     assert not torch.equal(dropout(x, p), dropout(x, p))  # a new mask each call
+
+
+@pytest.mark.parametrize("p", [0.001, 0.05, 0.1, 0.3])
+def test_dropout_drops_each_element_independently(p):
+    """The drop rate holds in every part of the mask, and runs of kept elements between
+    drops are geometric, as independent drops make them (mean 1/p - 1, variance (1-p)/p²)."""
+    from lorakit.fastpath import _keep_mask
+
+    n = 2_000_000
+    keep = _keep_mask(torch.empty(n), p, seed=7)
+    for part in keep.chunk(4):  # the end of the mask as well as its start
+        assert abs(1 - part.mean().item() - p) < 6 * (p * (1 - p) / len(part)) ** 0.5
+    drops = torch.nonzero(keep == 0).squeeze(1)
+    runs = (drops[1:] - drops[:-1] - 1).double()
+    assert abs(runs.mean().item() - (1 / p - 1)) < 6 * runs.std().item() / len(runs) ** 0.5
+    assert abs(runs.var().item() / ((1 - p) / p**2) - 1) < 0.25
+    assert torch.equal(keep, _keep_mask(torch.empty(n), p, seed=7))  # the seed fixes the mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
