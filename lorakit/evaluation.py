@@ -122,13 +122,33 @@ def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+PROMPT_TOKENS = 4096  # a generation batch's prompts, padding included, past its first prompt
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of prompts in batches of similar length: sorted by length, at most
+    ``batch_size`` prompts a batch, and no more than ``PROMPT_TOKENS`` padded prompt tokens
+    (a longer prompt goes alone).
+
+    Each decoding step streams the whole model for the batch, so short prompts gain from
+    large batches, while the prompt pass computes every padding token: on SmolLM2 in
+    bfloat16, 60 prompts of 97–288 tokens generate in 18 s this way against 23 s in
+    batches of 8 and 17.5 s in batches of 32 (whose padding grows with long prompts).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * lengths[i] > PROMPT_TOKENS:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Batched greedy decoding with left padding; stops at EOS or end of turn."""
+    """Batched greedy decoding with left padding (``length_batches``); stops at EOS or end of turn."""
     model.eval()
-    # Prompts of similar length batched together: padding is computed like any token.
     encoded = [encode(tokenizer, prompt) for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: dict[int, str] = {}
     # The first step feeds the head the last position's slice of the hidden states, a
     # non-contiguous 3-D tensor; torch's CPU linear then copies the head's weight once per
@@ -136,8 +156,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     contiguous = model.get_output_embeddings().register_forward_pre_hook(
         lambda _, args: (args[0].contiguous(), *args[1:]), prepend=True)
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in length_batches([len(ids) for ids in encoded], batch_size):
             batch = _left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id, model.device)
             new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
@@ -172,7 +191,7 @@ def _score_model(model, tokenizer, segments, places, references, data, metrics, 
 
 
 def run_eval(target: Target, metrics: list[str], data_file: str | None = None, limit: int | None = None,
-             max_new_tokens: int = 64, batch_size: int = 8, output: Path | None = None,
+             max_new_tokens: int = 64, batch_size: int = 32, output: Path | None = None,
              compare_base: bool = False) -> dict:
     """Score ``target`` and write ``predictions.jsonl`` and ``metrics.json`` to ``output``.
 
