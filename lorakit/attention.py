@@ -67,11 +67,14 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, with the fast backward where it applies: a CPU
-    bfloat16/float16 training forward (gradients on), no attention dropout, no extra bias."""
+    bfloat16/float16 training forward (gradients on, not compiled), no attention dropout,
+    no extra bias."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     length = query.shape[2]
-    ours = (torch.is_grad_enabled() and query.device.type == "cpu" and query.dtype in _HALF and not dropout
+    # Under torch.compile the compiler derives its own backward (and this one would break the graph).
+    ours = (torch.is_grad_enabled() and not torch.compiler.is_compiling() and query.device.type == "cpu"
+            and query.dtype in _HALF and not dropout
             and (query.requires_grad or key.requires_grad or value.requires_grad)
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
             and kwargs.get("s_aux") is None and length == key.shape[2] and length > 1)

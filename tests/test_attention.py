@@ -64,16 +64,38 @@ def test_gradients_match_the_fused_kernel_to_its_precision(monkeypatch, mask_nam
         assert (o - e).abs().max() <= 2 * max((f - e).abs().max(), 1e-2 * scale), name
 
 
-def test_other_cases_are_torch_attention_itself():
+@pytest.mark.parametrize("compiling", [False, True])
+def test_other_cases_are_torch_attention_itself(monkeypatch, compiling):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     q, k, v = _inputs()
-    for dtype, grad in ((torch.float32, True), (torch.bfloat16, False)):
+    cases = [(torch.float32, True), (torch.bfloat16, False)] + ([(torch.bfloat16, True)] if compiling else [])
+    for dtype, grad in cases:
         leaves = [t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v)]
         ours, _ = attn.attention(_Module(), *leaves, None)
         theirs, _ = sdpa_attention_forward(_Module(), *leaves, None)
         assert torch.equal(ours, theirs)
-        assert ours.grad_fn is None or "_Attention" not in type(ours.grad_fn).__name__
+        assert not _uses_ours(ours)
+
+
+def _uses_ours(out: torch.Tensor) -> bool:
+    """Whether lorakit's attention backward is in ``out``'s graph."""
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_AttentionBackward":
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def test_training_in_bfloat16_on_the_cpu_uses_ours():
+    leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in _inputs()]
+    assert _uses_ours(attn.attention(_Module(), *leaves, None)[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "opt", "gpt2"])
