@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 NAME = "lorakit_sdpa"
 _HALF = (torch.bfloat16, torch.float16)
@@ -69,8 +70,6 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """transformers' SDPA attention, with the fast backward where it applies: a CPU
     bfloat16/float16 training forward (gradients on, not compiled), no attention dropout,
     no extra bias."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     length = query.shape[2]
     # Under torch.compile the compiler derives its own backward (and this one would break the graph).
     ours = (torch.is_grad_enabled() and not torch.compiler.is_compiling() and query.device.type == "cpu"
