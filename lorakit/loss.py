@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data import IGNORE, collate
+from lorakit.data import IGNORE, collate, length_batches
 from lorakit.lora import is_bare_linear
 
 # Config attributes of heads that do more than a matmul (soft-capping, scaling):
@@ -153,12 +153,12 @@ class CausalLMLoss(nn.Module):
 
 @torch.no_grad()
 def evaluate_loss(loss_model: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
-    """Mean loss per trained token over ``examples``."""
+    """Mean loss per trained token over ``examples`` (in batches of similar length)."""
     was_training = loss_model.training
     loss_model.eval()
     total = count = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+    for chunk in length_batches([len(e["input_ids"]) for e in examples], batch_size):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
         total += loss_model(**batch).float().item() * n
         count += n

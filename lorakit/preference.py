@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import Config
-from lorakit.data import IGNORE
+from lorakit.data import IGNORE, length_batches
 from lorakit.loss import supports_sparse_head
 
 # The per-pair statistics a step sums over its micro-batches and processes, in this order.
@@ -198,13 +198,13 @@ def summarize(stats: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_pairs(loss_model: PreferenceLoss, pairs: list[dict], batch_size: int, pad_id: int, device) -> dict:
     """Mean loss, rewards, margin and preference accuracy over held-out ``pairs``."""
-    from lorakit.pairs import collate_pairs
+    from lorakit.pairs import collate_pairs, pair_length
 
     was_training = loss_model.training
     loss_model.eval()
     total, stats = 0.0, torch.zeros(len(STATS))
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
+    for indices in length_batches([pair_length(pair) for pair in pairs], batch_size):
+        chunk = [pairs[i] for i in indices]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
         total += loss_model(**batch).float().item() * len(chunk)
         stats += getattr(loss_model, "module", loss_model).stats.cpu()  # DDP wraps the module that keeps them

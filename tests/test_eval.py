@@ -218,14 +218,3 @@ def test_generation_feeds_the_head_contiguous_rows(tiny_model_dir):
     generate(model, tokenizer, prompts, 3, 2)
     assert seen and all(seen)
     assert not head._forward_pre_hooks
-
-
-def test_generation_batches_group_similar_lengths_within_a_token_budget(monkeypatch):
-    import lorakit.evaluation as evaluation
-
-    monkeypatch.setattr(evaluation, "PROMPT_TOKENS", 100)
-    lengths = [30, 5, 60, 6, 7, 250, 8, 9, 31]
-    batches = evaluation.length_batches(lengths, batch_size=4)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every prompt once
-    assert [[lengths[i] for i in b] for b in batches] == [[5, 6, 7, 8], [9, 30, 31], [60], [250]]
-    assert all(len(b) * max(lengths[i] for i in b) <= 100 for b in batches if len(b) > 1)

@@ -7,7 +7,8 @@ import lorakit.loss as loss_module
 from conftest import build
 from lorakit import LoraConfig, add_lora
 from lorakit.inject import lora_modules
-from lorakit.loss import CausalLMLoss, head_loss, supports_sparse_head
+from lorakit.data import length_batches
+from lorakit.loss import CausalLMLoss, evaluate_loss, head_loss, supports_sparse_head
 
 
 def _batch():
@@ -123,3 +124,36 @@ def test_chunked_head_loss_under_autocast_matches_the_direct_formula(monkeypatch
     torch.testing.assert_close(loss, expected, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(hidden.grad, grad, atol=2e-2, rtol=2e-2)
     assert hidden.grad.dtype == torch.float32
+
+
+def test_length_batches_group_similar_lengths_within_limits():
+    lengths = [30, 5, 60, 6, 7, 250, 8, 9, 31]
+    budgeted = length_batches(lengths, batch_size=4, max_tokens=100)
+    assert sorted(i for b in budgeted for i in b) == list(range(len(lengths)))  # every example once
+    assert [[lengths[i] for i in b] for b in budgeted] == [[5, 6, 7, 8], [9, 30, 31], [60], [250]]
+    assert all(len(b) * max(lengths[i] for i in b) <= 100 for b in budgeted if len(b) > 1)
+    assert [[lengths[i] for i in b] for b in length_batches(lengths, batch_size=4)] == \
+        [[5, 6, 7, 8], [9, 30, 31, 60], [250]]
+
+
+def test_validation_loss_is_the_mean_over_tokens_in_batches_of_similar_length():
+    torch.manual_seed(0)
+    model = add_lora(build("llama"), LoraConfig(target_modules="all-linear", dropout=0.0))
+    wrapped = CausalLMLoss(model)
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (9, 3, 14, 4, 12, 5):
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    total = count = 0.0
+    for e in examples:  # one at a time: no padding at all
+        batch = {"input_ids": torch.tensor([e["input_ids"]]), "attention_mask": torch.ones(1, len(e["input_ids"])),
+                 "labels": torch.tensor([e["labels"]])}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += wrapped(**batch).item() * n
+        count += n
+    widths = []
+    wrapped.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    assert evaluate_loss(wrapped, examples, batch_size=2, pad_id=0, device="cpu") == pytest.approx(total / count, rel=1e-5)
+    assert widths == [(2, 4), (2, 9), (2, 14)]  # sorted: 3 and 4, 5 and 9, 12 and 14 tokens
