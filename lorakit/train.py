@@ -30,7 +30,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from transformers import get_scheduler
 
 from lorakit import report
 from lorakit.attention import use_fast_backward
@@ -47,6 +46,7 @@ from lorakit.model import DTYPE_NAMES, compile_blocks, load_model, load_tokenize
 from lorakit.pairs import build_pairs, collate_pairs, pair_length, pair_tokens, precompute_reference
 from lorakit.preference import STATS, PreferenceLoss, evaluate_pairs, summarize
 from lorakit.preflight import preflight
+from lorakit.schedule import lr_scheduler
 from lorakit.sharding import local, whole_parameters
 
 logger = logging.getLogger("lorakit")
@@ -257,7 +257,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     if t.warmup_steps >= n_steps and main:
         logger.warning("training.warmup_steps (%d) is not below the run's %d steps: the learning rate never reaches "
                        "training.lr", t.warmup_steps, n_steps)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
+    scheduler = lr_scheduler(optimizer, t.scheduler, t.warmup_steps, n_steps)
     loss_model, optimizer = accelerator.prepare(PreferenceLoss(model, cfg) if preference else CausalLMLoss(model),
                                                 optimizer)
     core = accelerator.unwrap_model(loss_model)
