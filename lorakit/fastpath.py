@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 if TYPE_CHECKING:
     from lorakit.lora import LoRALinear
@@ -116,6 +117,8 @@ def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     with probability ``p``. The mask is written in ``like``'s dtype: a bool mask would be
     converted at every use.
     """
+    if is_fake(like):  # a memory estimate (lorakit plan) traces shapes, with no data to draw
+        return torch.empty_like(like)
     n = like.numel()
     if p > _FEW_DROPS:
         draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
@@ -133,10 +136,10 @@ def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         last = int(drops[-1])
 
 
-def _new_seed() -> int:
+def _new_seed(like: torch.Tensor) -> int:
     """A mask seed from torch's generator, so ``torch.manual_seed`` (and a resumed run's
-    restored RNG state) fixes every mask."""
-    return int(torch.randint(0, 2**63 - 1, ()))
+    restored RNG state) fixes every mask; none for a shape-only (fake) ``like``."""
+    return 0 if is_fake(like) else int(torch.randint(0, 2**63 - 1, ()))
 
 
 def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
@@ -149,7 +152,7 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        ctx.seed, ctx.p = _new_seed(), p
+        ctx.seed, ctx.p = _new_seed(x), p
         return x * _keep_mask(x, p, ctx.seed) * (1 / (1 - p))
 
     @staticmethod
@@ -171,7 +174,7 @@ class _DroppedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
-        seed = _new_seed()
+        seed = _new_seed(x)
         scaled = A * (1 / (1 - p))  # the inverted-dropout scale on the r×d_in factor, not on x
         ctx.save_for_backward(x, scaled)
         ctx.seed, ctx.p = seed, p

@@ -89,3 +89,18 @@ def test_plan_command_prints_estimate_and_measurement(tmp_path, tiny_model_dir):
     (tmp_path / "odd.jsonl").write_text('{"text": "no question field"}\n')
     unusable = runner.invoke(app, ["plan", str(path), "--set", f"data.train={tmp_path}/odd.jsonl"])
     assert unusable.exit_code == 2 and "odd.jsonl" in unusable.output and "question" in unusable.output
+
+
+def test_plan_estimates_and_measures_runs_with_dropout(tmp_path, tiny_model_dir):
+    """lorakit's dropout draws its masks from real data; the estimate traces shapes only."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, tiny_model_dir)))
+    result = runner.invoke(app, ["plan", str(path), "--set", "lora.dropout=0.1", "--measure", "1"])
+    assert result.exit_code == 0, result.output
+    assert "estimated peak" in result.output and "measured peak" in result.output
+    raw = tiny_config(tmp_path, tiny_model_dir)
+    without = estimate_memory(Config(**raw), 4, 32, 40)
+    raw["lora"]["dropout"] = 0.1
+    dropped = estimate_memory(Config(**raw), 4, 32, 40)
+    # the adapter keeps its input and the mask's seed, not a dropped copy and a mask
+    assert without.activations <= dropped.activations <= 1.05 * without.activations
