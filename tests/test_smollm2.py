@@ -79,3 +79,11 @@ def test_quickstart_dpo_starts_from_the_sft_adapter(tmp_path, monkeypatch):
     sft_config = json.loads((sft / "adapter" / "adapter_config.json").read_text())
     dpo_config = json.loads((dpo / "adapter" / "adapter_config.json").read_text())
     assert (dpo_config["r"], dpo_config["target_modules"]) == (sft_config["r"], sft_config["target_modules"])
+
+
+def test_the_readme_plan_command_runs_on_the_quickstart(monkeypatch):
+    """``lorakit plan configs/quickstart.yaml --measure 1``, as the README gives it."""
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(app, ["plan", "configs/quickstart.yaml", "--measure", "1"])
+    assert result.exit_code == 0, result.output
+    assert "estimated peak" in result.output and "measured peak" in result.output
