@@ -1,17 +1,12 @@
-"""Attention on CPUs in bfloat16: torch's fused kernel where it is fast, matmuls where not.
+"""Attention for training on CPUs in bfloat16: torch's fused forward, a faster backward.
 
-torch's CPU flash attention is slow in bfloat16 in two places. Its backward, at
-SmolLM2's training shapes (8 × 300 tokens, 9 heads of 64), takes five times its
-forward, twice what plain matmuls take to recompute the probabilities and form the
-gradients. And it decodes one token at a time (a query of length 1 against the cache)
-6–13× slower than matmuls do: at 60 rows × 155 cached tokens, 5.3 ms per layer against
-0.8 ms, half of each decoding step.
-
-``attention`` keeps torch's fused ``scaled_dot_product_attention`` for every forward of
-more than one query (and everything torch's own attention serves: CUDA, float32,
-attention dropout) and replaces only that backward and the one-token step. The
-probabilities are computed in float32, in the backward a block of query rows at a time,
-so memory stays that of the fused kernel.
+torch's CPU flash-attention backward is slow in bfloat16: at SmolLM2's training shapes
+(8 × 300 tokens, 9 heads of 64) it takes five times its forward, twice what plain
+matmuls take to recompute the probabilities and form the gradients. ``attention``
+keeps torch's fused ``scaled_dot_product_attention`` for the forward (and everything
+torch's own attention serves: inference, CUDA, float32, attention dropout) and replaces
+only that backward. The probabilities are recomputed in float32 from the saved inputs, a
+block of query rows at a time, so memory stays that of the fused kernel.
 """
 
 from __future__ import annotations
@@ -69,39 +64,19 @@ class _Attention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """Attention of one query position per row (a decoding step) in float32 matmuls,
-    ``(batch, 1, heads, head_dim)``. The query heads that share a key/value head attend to
-    it together, so the cache is neither repeated nor copied."""
-    batch, heads, _, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else dim**-0.5
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(scale)  # (batch, kv_heads, group, keys)
-    if mask is not None:  # (batch or 1, 1, 1, keys)
-        mask = mask[:, :, -1:, :]
-        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
-    probs = torch.softmax(scores, -1).nan_to_num_(0.0)  # a row that may attend to nothing gets zeros
-    out = torch.matmul(probs, value.float()).to(query.dtype)
-    return out.reshape(batch, 1, heads, dim)
-
-
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, with matmuls where they are faster on a CPU in
-    bfloat16/float16 (not compiled, no attention dropout, no extra bias): the backward of
-    a training forward, and a one-token decoding step."""
+    """transformers' SDPA attention, with the fast backward where it applies: a CPU
+    bfloat16/float16 training forward (gradients on, not compiled), no attention dropout,
+    no extra bias."""
     length = query.shape[2]
-    plain = (query.device.type == "cpu" and query.dtype in _HALF and not dropout and not torch.compiler.is_compiling()
-             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None)
-    if plain and length == 1 and not torch.is_grad_enabled() and (
-            attention_mask is None or attention_mask.shape[1] == 1 and attention_mask.shape[-1] == key.shape[2]):
-        return _one_query(query, key, value, attention_mask, scaling), None
     # Under torch.compile the compiler derives its own backward (and this one would break the graph).
-    ours = (plain and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-            and length == key.shape[2] and length > 1)
+    ours = (torch.is_grad_enabled() and not torch.compiler.is_compiling() and query.device.type == "cpu"
+            and query.dtype in _HALF and not dropout
+            and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and kwargs.get("s_aux") is None and length == key.shape[2] and length > 1)
     if not ours:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -113,8 +88,8 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_cpu_attention(model: nn.Module) -> None:
-    """Switch a model on transformers' SDPA attention to ``attention``.
+def use_fast_backward(model: nn.Module) -> None:
+    """Switch a model on transformers' SDPA attention to ``attention`` (same forward).
 
     Models on another implementation (eager, flash attention, their own code) are left
     as they are.

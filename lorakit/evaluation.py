@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from lorakit.attention import use_cpu_attention
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
 from lorakit.data import (encode, labelled_targets, length_batches, load_rows, preference_response, render, row_field,
@@ -136,8 +135,6 @@ PROMPT_TOKENS = 4096
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Batched greedy decoding with left padding (``length_batches``); stops at EOS or end of turn."""
     model.eval()
-    if model.device.type == "cpu":
-        use_cpu_attention(model)
     encoded = [encode(tokenizer, prompt) for prompt in prompts]
     outputs: dict[int, str] = {}
     # The first step feeds the head the last position's slice of the hidden states, a

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from lorakit import report
-from lorakit.attention import use_cpu_attention
+from lorakit.attention import use_fast_backward
 from lorakit.adapter_io import load_adapter, save_adapter, with_init_from
 from lorakit.checkpoint import capture_rng, check_deletable, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, saved_config_dict
@@ -249,7 +249,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     else:
         add_lora(model, cfg.lora)
     if accelerator.device.type == "cpu" and dtype != torch.float32:
-        use_cpu_attention(model)
+        use_fast_backward(model)
     if t.compile:
         compile_blocks(model)
     optimizer = _build_optimizer(model, t)

@@ -108,7 +108,7 @@ def test_a_model_trains_alike_with_it(arch):
     for switch in (False, True):
         model = build(arch).to(torch.bfloat16)
         if switch:
-            attn.use_cpu_attention(model)
+            attn.use_fast_backward(model)
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
         out = model(inputs_embeds=embeds, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
@@ -121,7 +121,7 @@ def test_a_model_trains_alike_with_it(arch):
 def test_models_on_another_attention_are_left_alone():
     model = BUILDERS["llama"]()
     model.set_attn_implementation("eager")
-    attn.use_cpu_attention(model)
+    attn.use_fast_backward(model)
     assert model.config._attn_implementation == "eager"
 
 
@@ -143,63 +143,3 @@ def test_training_on_the_cpu_in_bfloat16_uses_it(tmp_path, tiny_model_dir):
         m.setattr(attn._Attention, "backward", staticmethod(spy))
         train(validate_config(raw, "test"))
     assert seen and all(d == torch.bfloat16 for d in seen)
-
-
-def _left_padded(keys: int) -> torch.Tensor:
-    mask = torch.ones(3, 1, 1, keys, dtype=torch.bool)
-    mask[1, ..., :4] = False
-    mask[2, ..., :keys - 1] = False  # a row whose prompt was one token
-    return mask
-
-
-DECODE_MASKS = {
-    "no mask": lambda keys: None,
-    "left padding": _left_padded,
-    "float additive": lambda keys: torch.zeros(3, 1, 1, keys).masked_fill(~_left_padded(keys), -1e9),
-}
-
-
-@pytest.mark.parametrize("mask_name", DECODE_MASKS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_decoding_step_is_as_exact_as_the_fused_kernel(mask_name, dtype):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    q, k, v = _inputs(length=12)
-    q = q[:, :, -1:]  # one query per row against 12 cached keys
-    mask = DECODE_MASKS[mask_name](12)
-    with torch.no_grad():
-        exact, _ = sdpa_attention_forward(_Module(), q.double(), k.double(), v.double(),
-                                          None if mask is None else mask.double() if mask.is_floating_point() else mask,
-                                          scaling=0.25)
-        fused, _ = sdpa_attention_forward(_Module(), q.to(dtype), k.to(dtype), v.to(dtype), mask, scaling=0.25)
-        ours, _ = attn.attention(_Module(), q.to(dtype), k.to(dtype), v.to(dtype), mask, scaling=0.25)
-    assert ours.shape == fused.shape and ours.dtype == dtype
-    assert (ours.double() - exact).abs().max() <= 2 * (fused.double() - exact).abs().max() + 1e-3
-
-
-def _decode_step_logits(model, ids, mask):
-    """Logits of one decoding step after a prefill of ``ids`` with left padding ``mask``."""
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        step = out.logits[:, -1:].argmax(-1)
-        longer = torch.cat([mask, torch.ones_like(step)], 1)
-        return model(input_ids=step, attention_mask=longer, cache=out.cache, use_cache=True).logits[:, -1].float()
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt_neox", "opt", "gpt2"])
-def test_models_decode_alike_with_it(monkeypatch, arch):
-    """A bfloat16 model's decoding step through the matmul path is as close to the float32
-    model's as torch's kernel gets, with left padding."""
-    ids = torch.randint(3, 120, (2, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    reference = _decode_step_logits(build(arch), ids, mask)
-    fused = _decode_step_logits(build(arch).to(torch.bfloat16), ids, mask)
-    calls = []
-    original = attn._one_query
-    monkeypatch.setattr(attn, "_one_query", lambda *a: calls.append(1) or original(*a))
-    model = build(arch).to(torch.bfloat16)
-    attn.use_cpu_attention(model)
-    ours = _decode_step_logits(model, ids, mask)
-    assert calls  # the step went through the matmul path
-    assert (ours - reference).abs().max() <= 2 * (fused - reference).abs().max() + 1e-3

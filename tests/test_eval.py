@@ -218,24 +218,3 @@ def test_generation_feeds_the_head_contiguous_rows(tiny_model_dir):
     generate(model, tokenizer, prompts, 3, 2)
     assert seen and all(seen)
     assert not head._forward_pre_hooks
-
-
-def test_generation_on_the_cpu_in_bfloat16_decodes_through_matmul_attention(tiny_model_dir, monkeypatch):
-    """Each one-token step goes through lorakit's matmul attention (6–13× faster than
-    torch's CPU kernel there; test_attention checks it decodes alike)."""
-    import lorakit.attention as attn
-    from lorakit.config import ModelConfig
-    from lorakit.evaluation import generate
-    from lorakit.model import load_model, load_tokenizer
-
-    target = ModelConfig(name_or_path=tiny_model_dir, dtype="bfloat16")
-    tokenizer = load_tokenizer(target)
-    prompts = ["1+2=", "10+20+30=", "7="]
-    steps = []
-    original = attn._one_query
-    monkeypatch.setattr(attn, "_one_query", lambda *a: steps.append(a[0].shape) or original(*a))
-    model = load_model(target)
-    texts = generate(model, tokenizer, prompts, 4, 8)
-    assert len(texts) == 3
-    assert model.config._attn_implementation == attn.NAME
-    assert steps and all(shape[2] == 1 for shape in steps)
