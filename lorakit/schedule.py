@@ -24,8 +24,8 @@ def lr_factor(step: int, name: str, warmup: int, total: int) -> float:
     decay = max(1, total - warmup)
     if name == "linear":
         return max(0.0, (total - step) / decay)
-    if name == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / decay)))
+    if name == "cosine":  # written as transformers writes it, so the rates are the same to the bit
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((step - warmup) / decay))))
     raise ValueError(f"unknown learning-rate schedule {name!r}")
 
 
