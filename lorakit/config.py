@@ -8,6 +8,7 @@ key path, in a ``ConfigError``.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import reprlib
 from dataclasses import asdict, field
@@ -21,6 +22,8 @@ from pydantic.dataclasses import dataclass
 
 from lorakit.errors import ConfigError, InputError
 from lorakit.inputs import check_regex, check_unicode, looks_local, missing_path, template_fields
+
+logger = logging.getLogger("lorakit")
 
 DEFAULT_MODEL = "default"
 # Limits that keep a hostile config file from exhausting memory or time.
@@ -416,8 +419,56 @@ def _cross_problems(raw: dict, config: Config) -> list[str]:
     elif config.model.quantization is not None and config.lora.changes_base:
         problems.append(f"lora.init: {config.lora.init} takes the principal part out of each base weight, which a "
                         "quantized base cannot take without re-quantizing; use init: kaiming with model.quantization")
-    problems += _objective_problems(raw, config)
+    problems += _objective_problems(raw, config) + _unread_problems(raw, config)
     return problems
+
+
+# Data keys that only some formats read, and those formats.
+_FORMAT_KEYS = {
+    "prompt_template": ("prompt_completion", "preference"),
+    "completion_field": ("prompt_completion",),
+    "text_field": ("text",),
+    "chat_template": ("prompt_completion", "alpaca", "preference"),
+}
+
+
+def _given(raw: dict, section: str) -> dict:
+    """A raw section's keys with a value (``null`` counts as not set)."""
+    return {key: value for key, value in _raw_section(raw, section).items() if value is not None}
+
+
+def _unread_problems(raw: dict, config: Config) -> list[str]:
+    """Settings asking for something this run never does (validating with no validation
+    data, keeping checkpoints that are never written)."""
+    data, training = _given(raw, "data"), _given(raw, "training")
+    problems = []
+    if config.data.validation is None:
+        problems += [f"{where}: set, but data.validation is not: there is nothing to validate on; set data.validation "
+                     "or remove the key" for where, given in (("data.validation_limit", "validation_limit" in data),
+                                                             ("training.eval_every", "eval_every" in training))
+                     if given]
+    if "keep_checkpoints" in training and config.training.save_every is None:
+        problems.append("training.keep_checkpoints: set, but training.save_every is not, so no checkpoint is written; "
+                        "set training.save_every or remove the key")
+    return problems
+
+
+def _unread_format_keys(raw: dict, config: Config) -> list[str]:
+    """Data keys set in the config that its format never reads. They are warned about, not
+    refused: a config switched to another format keeps its old keys, harmlessly."""
+    data, fmt = _given(raw, "data"), config.data.format
+    unread = []
+    for key, formats in _FORMAT_KEYS.items():
+        if key not in data or fmt in formats:
+            continue
+        if fmt == "chat" and key == "chat_template":
+            if data[key] is False:
+                unread.append("data.chat_template: false has no effect: format chat always renders rows with the "
+                              "model's chat template")
+            continue
+        unread.append(f"data.{key} has no effect: format {fmt} does not read it (only format {' or '.join(formats)} "
+                      "does)")
+    return unread
 
 
 def _objective_problems(raw: dict, config: Config) -> list[str]:
@@ -477,6 +528,8 @@ def validate_config(raw: dict, source: str) -> Config:
     problems += _cross_problems(raw, config)
     if problems:
         raise ConfigError(source, problems)
+    for message in _unread_format_keys(raw, config):
+        logger.warning("%s: %s", source, message)
     config._source = source
     return config
 

@@ -58,6 +58,10 @@ def test_defaults_fill_in(good, tmp_path):
         ({"data": {"train": "missing.jsonl"}}, "data.train: no such file or directory: 'missing.jsonl'"),
         ({"model": {"quantization": {"bits": 3}}}, "model.quantization.bits: Input should be 4 or 8"),
         ({"data": {"format": "sharegpt"}}, "data.format: Input should be"),
+        ({"data": {"validation_limit": 5}}, "data.validation_limit: set, but data.validation is not"),
+        ({"training": {"max_steps": 3, "eval_every": 5}}, "training.eval_every: set, but data.validation is not"),
+        ({"training": {"max_steps": 3, "keep_checkpoints": 3}},
+         "training.keep_checkpoints: set, but training.save_every is not"),
     ],
 )
 def test_each_problem_is_named(good, tmp_path, patch, expected):
@@ -99,3 +103,24 @@ def test_overrides(good, tmp_path):
         parse_overrides(["training.lr"])
     with pytest.raises(ConfigError, match="lora.rr: unknown key; did you mean lora.r"):
         load_config(_write(tmp_path, good), ["lora.rr=4"])
+
+
+@pytest.mark.parametrize(("data", "warned"), [
+    ({"format": "text", "completion_field": "answer"}, "data.completion_field has no effect: format text does not read it"),
+    ({"format": "chat", "text_field": "body"}, "data.text_field has no effect: format chat"),
+    ({"format": "alpaca", "prompt_template": "{question}"}, "data.prompt_template has no effect: format alpaca"),
+    ({"format": "chat", "chat_template": False}, "data.chat_template: false has no effect"),
+])
+def test_data_keys_the_format_never_reads_are_warned_about(good, tmp_path, caplog, data, warned):
+    good["data"].update(data)
+    load_config(_write(tmp_path, good))
+    assert warned in caplog.text and "c.yaml" in caplog.text
+
+
+def test_keys_that_are_read_or_null_raise_no_warning(good, tmp_path, caplog):
+    good["data"].update(format="text", text_field="body", validation_limit=None)
+    good["training"].update(eval_every=None, save_every=None)
+    load_config(_write(tmp_path, good))
+    good["data"] = {"train": good["data"]["train"], "format": "chat", "chat_template": True}
+    load_config(_write(tmp_path, good))
+    assert "has no effect" not in caplog.text
