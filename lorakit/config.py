@@ -419,7 +419,7 @@ def _cross_problems(raw: dict, config: Config) -> list[str]:
     elif config.model.quantization is not None and config.lora.changes_base:
         problems.append(f"lora.init: {config.lora.init} takes the principal part out of each base weight, which a "
                         "quantized base cannot take without re-quantizing; use init: kaiming with model.quantization")
-    problems += _objective_problems(raw, config) + _unread_problems(raw, config)
+    problems += _objective_problems(raw, config)
     return problems
 
 
@@ -437,26 +437,13 @@ def _given(raw: dict, section: str) -> dict:
     return {key: value for key, value in _raw_section(raw, section).items() if value is not None}
 
 
-def _unread_problems(raw: dict, config: Config) -> list[str]:
-    """Settings asking for something this run never does (validating with no validation
-    data, keeping checkpoints that are never written)."""
-    data, training = _given(raw, "data"), _given(raw, "training")
-    problems = []
-    if config.data.validation is None:
-        problems += [f"{where}: set, but data.validation is not: there is nothing to validate on; set data.validation "
-                     "or remove the key" for where, given in (("data.validation_limit", "validation_limit" in data),
-                                                             ("training.eval_every", "eval_every" in training))
-                     if given]
-    if "keep_checkpoints" in training and config.training.save_every is None:
-        problems.append("training.keep_checkpoints: set, but training.save_every is not, so no checkpoint is written; "
-                        "set training.save_every or remove the key")
-    return problems
+def _unread_keys(raw: dict, config: Config) -> list[str]:
+    """Keys set in the config that this run never reads: data keys its format ignores,
+    validation settings without validation data, checkpoints kept but never written.
 
-
-def _unread_format_keys(raw: dict, config: Config) -> list[str]:
-    """Data keys set in the config that its format never reads. They are warned about, not
-    refused: a config switched to another format keeps its old keys, harmlessly."""
-    data, fmt = _given(raw, "data"), config.data.format
+    They are warned about, not refused: a config switched to another format keeps its old
+    keys, and ``--set data.validation=null`` leaves ``eval_every`` behind, harmlessly."""
+    data, training, fmt = _given(raw, "data"), _given(raw, "training"), config.data.format
     unread = []
     for key, formats in _FORMAT_KEYS.items():
         if key not in data or fmt in formats:
@@ -468,6 +455,13 @@ def _unread_format_keys(raw: dict, config: Config) -> list[str]:
             continue
         unread.append(f"data.{key} has no effect: format {fmt} does not read it (only format {' or '.join(formats)} "
                       "does)")
+    if config.data.validation is None:
+        unread += [f"{where} has no effect: data.validation is not set, so there is nothing to validate on"
+                   for where, given in (("data.validation_limit", "validation_limit" in data),
+                                        ("training.eval_every", "eval_every" in training)) if given]
+    if "keep_checkpoints" in training and config.training.save_every is None:
+        unread.append("training.keep_checkpoints has no effect: training.save_every is not set, so no checkpoint is "
+                      "written")
     return unread
 
 
@@ -528,7 +522,7 @@ def validate_config(raw: dict, source: str) -> Config:
     problems += _cross_problems(raw, config)
     if problems:
         raise ConfigError(source, problems)
-    for message in _unread_format_keys(raw, config):
+    for message in _unread_keys(raw, config):
         logger.warning("%s: %s", source, message)
     config._source = source
     return config

@@ -58,10 +58,6 @@ def test_defaults_fill_in(good, tmp_path):
         ({"data": {"train": "missing.jsonl"}}, "data.train: no such file or directory: 'missing.jsonl'"),
         ({"model": {"quantization": {"bits": 3}}}, "model.quantization.bits: Input should be 4 or 8"),
         ({"data": {"format": "sharegpt"}}, "data.format: Input should be"),
-        ({"data": {"validation_limit": 5}}, "data.validation_limit: set, but data.validation is not"),
-        ({"training": {"max_steps": 3, "eval_every": 5}}, "training.eval_every: set, but data.validation is not"),
-        ({"training": {"max_steps": 3, "keep_checkpoints": 3}},
-         "training.keep_checkpoints: set, but training.save_every is not"),
     ],
 )
 def test_each_problem_is_named(good, tmp_path, patch, expected):
@@ -105,14 +101,19 @@ def test_overrides(good, tmp_path):
         load_config(_write(tmp_path, good), ["lora.rr=4"])
 
 
-@pytest.mark.parametrize(("data", "warned"), [
-    ({"format": "text", "completion_field": "answer"}, "data.completion_field has no effect: format text does not read it"),
-    ({"format": "chat", "text_field": "body"}, "data.text_field has no effect: format chat"),
-    ({"format": "alpaca", "prompt_template": "{question}"}, "data.prompt_template has no effect: format alpaca"),
-    ({"format": "chat", "chat_template": False}, "data.chat_template: false has no effect"),
+@pytest.mark.parametrize(("data", "training", "warned"), [
+    ({"format": "text", "completion_field": "answer"}, {},
+     "data.completion_field has no effect: format text does not read it"),
+    ({"format": "chat", "text_field": "body"}, {}, "data.text_field has no effect: format chat"),
+    ({"format": "alpaca", "prompt_template": "{question}"}, {}, "data.prompt_template has no effect: format alpaca"),
+    ({"format": "chat", "chat_template": False}, {}, "data.chat_template: false has no effect"),
+    ({"validation_limit": 5}, {}, "data.validation_limit has no effect: data.validation is not set"),
+    ({}, {"eval_every": 5}, "training.eval_every has no effect: data.validation is not set"),
+    ({}, {"keep_checkpoints": 3}, "training.keep_checkpoints has no effect: training.save_every is not set"),
 ])
-def test_data_keys_the_format_never_reads_are_warned_about(good, tmp_path, caplog, data, warned):
+def test_keys_the_run_never_reads_are_warned_about(good, tmp_path, caplog, data, training, warned):
     good["data"].update(data)
+    good["training"].update(training)
     load_config(_write(tmp_path, good))
     assert warned in caplog.text and "c.yaml" in caplog.text
 
