@@ -578,9 +578,8 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None =
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     for i in order:
-        full = batches and (len(batches[-1]) == batch_size
-                            or max_tokens is not None and (len(batches[-1]) + 1) * lengths[i] > max_tokens)
-        if not batches or full:
+        if (not batches or len(batches[-1]) == batch_size
+                or max_tokens is not None and (len(batches[-1]) + 1) * lengths[i] > max_tokens):
             batches.append([])
         batches[-1].append(i)
     return batches

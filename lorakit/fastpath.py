@@ -104,7 +104,7 @@ class SharedInput:
 _FEW_DROPS = 0.15  # up to this rate, drawing where the drops fall is cheaper than a draw per element
 
 
-def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _keep_mask(like: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     """A CPU keep-mask of ones and zeros in ``like``'s shape and dtype, for dropout at rate
     ``p``; the same for the same ``seed``.
 
@@ -117,7 +117,7 @@ def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     with probability ``p``. The mask is written in ``like``'s dtype: a bool mask would be
     converted at every use.
     """
-    if is_fake(like):  # a memory estimate (lorakit plan) traces shapes, with no data to draw
+    if seed is None:  # a memory estimate (lorakit plan) traces shapes, with no data to draw
         return torch.empty_like(like)
     n = like.numel()
     if p > _FEW_DROPS:
@@ -136,10 +136,10 @@ def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         last = int(drops[-1])
 
 
-def _new_seed(like: torch.Tensor) -> int:
+def _new_seed(like: torch.Tensor) -> int | None:
     """A mask seed from torch's generator, so ``torch.manual_seed`` (and a resumed run's
-    restored RNG state) fixes every mask; none for a shape-only (fake) ``like``."""
-    return 0 if is_fake(like) else int(torch.randint(0, 2**63 - 1, ()))
+    restored RNG state) fixes every mask; None for a shape-only (fake) ``like``."""
+    return None if is_fake(like) else int(torch.randint(0, 2**63 - 1, ()))
 
 
 def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
