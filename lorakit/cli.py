@@ -285,7 +285,7 @@ def eval_command(
     data: Optional[str] = typer.Option(None, help="Rows to score (default: the training config's validation file)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N rows."),
     max_new_tokens: int = typer.Option(64, min=1, help="Generation length limit."),
-    batch_size: int = typer.Option(32, min=1, help="Most prompts generated at once (fewer when they are long, to bound padding); rows per pass for perplexity."),
+    batch_size: int = typer.Option(32, min=1, help="Most prompts decoded together (their prompt passes stay short, to bound padding); rows per pass for perplexity."),
     output: Optional[Path] = typer.Option(None, help="Where metrics.json and predictions.jsonl go (default: TARGET/eval)."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model and show the gain."),
     base: Optional[str] = typer.Option(None, help="Base model, when not the one the adapter was trained on."),

@@ -16,10 +16,11 @@ import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import (encode, labelled_targets, length_batches, load_rows, preference_response, render, row_field,
+from lorakit.data import (encode, labelled_targets, load_rows, preference_response, render, row_field,
                           tokenize)
 from lorakit.errors import EvalError
 from lorakit.files import atomic_file, check_inputs_survive, record_written
+from lorakit.generation import greedy, stop_ids
 from lorakit.inputs import check_unicode, missing_path, template_fields
 from lorakit.inject import lora_modules, remove_lora
 from lorakit.loss import CausalLMLoss, evaluate_loss
@@ -88,16 +89,6 @@ def prompt_of(segments: list[tuple[str, bool]]) -> str:
     return "".join(text for text, _ in segments[:last])
 
 
-def stop_ids(tokenizer) -> list[int]:
-    """EOS and, for chat templates, the end-of-turn token."""
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
 def check_context(tokenizer, prompts: list[str], places: list[str], max_new_tokens: int, context: int | None) -> None:
     """Refuse a prompt that, with the tokens to generate, runs past the model's positions
     (``context``): beyond them the output means nothing, and RoPE models give it silently.
@@ -113,45 +104,11 @@ def check_context(tokenizer, prompts: list[str], places: list[str], max_new_toke
                             f"context of {context} tokens; shorten the prompt or lower --max-new-tokens")
 
 
-def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-
-
-# A generation batch's prompt tokens, padding included, past its first prompt. Each
-# decoding step streams the whole model for the batch, so short prompts gain from large
-# batches, while the prompt pass computes every padding token: on SmolLM2 in bfloat16, 60
-# prompts of 97–288 tokens generate in 18 s this way against 23 s in batches of 8 and
-# 17.5 s in batches of 32 (whose padding grows with long prompts).
-PROMPT_TOKENS = 4096
-
-
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Batched greedy decoding with left padding (``length_batches``); stops at EOS or end of turn."""
-    model.eval()
+    """Greedy answers to ``prompts`` (``generation.greedy``), stopped at EOS or end of turn."""
     encoded = [encode(tokenizer, prompt) for prompt in prompts]
-    outputs: dict[int, str] = {}
-    # The first step feeds the head the last position's slice of the hidden states, a
-    # non-contiguous 3-D tensor; torch's CPU linear then copies the head's weight once per
-    # row (SmolLM2 in bfloat16: 0.6 s per batch instead of 9 ms), so the head gets a copy.
-    contiguous = model.get_output_embeddings().register_forward_pre_hook(
-        lambda _, args: (args[0].contiguous(), *args[1:]), prepend=True)
-    try:
-        for chunk in length_batches([len(ids) for ids in encoded], batch_size, PROMPT_TOKENS):
-            batch = _left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id, model.device)
-            new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            outputs.update(zip(chunk, texts))
-    finally:
-        contiguous.remove()
-    return [outputs[i].strip() for i in range(len(prompts))]
+    answers = greedy(model, encoded, max_new_tokens, stop_ids(tokenizer), batch_size, tokenizer.pad_token_id)
+    return [text.strip() for text in tokenizer.batch_decode(answers, skip_special_tokens=True)]
 
 
 def _score_model(model, tokenizer, segments, places, references, data, metrics, max_new_tokens,

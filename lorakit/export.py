@@ -140,7 +140,8 @@ def _gguf_files(adapter: Adapter, out: Path, merged: bool, outtype: str, base: s
 
 def _chat_template(adapter_dir: Path, base: str | None, trust_remote_code: bool) -> tuple[str, list[str]]:
     """The prompt template in Ollama's syntax (training's rendering of one user prompt) and the stop strings."""
-    from lorakit.evaluation import generation_prompt, stop_ids
+    from lorakit.evaluation import generation_prompt
+    from lorakit.generation import stop_ids
     from lorakit.model import adapter_base_config, load_tokenizer
 
     tokenizer = load_tokenizer(adapter_base_config(adapter_dir, base, trust_remote_code))

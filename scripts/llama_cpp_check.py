@@ -21,9 +21,10 @@ from llama_cpp import Llama
 
 from lorakit.adapter_io import load_adapter
 from lorakit.data import encode, load_rows, render
-from lorakit.evaluation import prompt_of, resolve_target, stop_ids
+from lorakit.evaluation import prompt_of, resolve_target
 from lorakit.export import base_gguf_file
 from lorakit.files import atomic_file
+from lorakit.generation import stop_ids
 from lorakit.gguf_export import tokenizer_metadata, write_model
 from lorakit.model import cache_dir, load_model, load_tokenizer
 
