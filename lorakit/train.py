@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from lorakit import report
+from lorakit.activation_memory import keep_less
 from lorakit.attention import use_fast_backward
 from lorakit.adapter_io import load_adapter, save_adapter, with_init_from
 from lorakit.checkpoint import capture_rng, check_deletable, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
@@ -242,6 +243,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                        "bfloat16 weight keeps 3 significant digits); use model.dtype auto or float32 (with "
                        "training.mixed_precision: bf16 for speed)", cfg.model.dtype, cfg.model.dtype)
     model = load_model(cfg.model.model_copy(update={"dtype": DTYPE_NAMES[dtype]}), accelerator.device)
+    keep_less(model)  # before the adapter's layers: the switch is probed on the base's own output
     if cfg.method == "full":
         model.requires_grad_(True)
     elif cfg.lora.init_from:
