@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
+from lorakit.activation_memory import keep_less
 from lorakit.config import Config
 from lorakit.inject import add_lora
 from lorakit.loss import head_loss, supports_sparse_head
@@ -169,6 +170,8 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
     with FakeTensorMode():
         model = AutoModelForCausalLM.from_config(config, dtype=_compute_dtype(cfg, config),
                                                  trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.quantization is None:  # as training does (4-bit MLPs stay as they are: counted whole here)
+            keep_less(model)
         if cfg.method == "lora":
             add_lora(model, cfg.lora)
         model.train()
