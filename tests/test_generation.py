@@ -58,7 +58,7 @@ def test_batched_greedy_equals_each_prompt_alone(arch, monkeypatch):
         expected = _alone(model, prompts, stops)
         assert greedy(model, prompts, NEW, stops, batch_size=4, pad_id=0) == expected
     assert greedy(model, [p[2:] for p in prompts], NEW, [stop], batch_size=8, pad_id=0) == _alone(
-        model, [p[2:] for p in prompts], [stop])  # no prefix longer than its shortest prompt allows
+        model, [p[2:] for p in prompts], [stop])  # the shared prefix capped by the shortest prompt
 
 
 def test_shared_prefix_leaves_each_row_a_token_and_respects_sliding_windows():
@@ -72,12 +72,14 @@ def test_shared_prefix_leaves_each_row_a_token_and_respects_sliding_windows():
     assert _shared_prefix(prompts, MistralConfig(sliding_window=11), 4) == 0
 
 
-def test_sliding_window_model_outgrowing_its_window_decodes_as_alone():
+def test_sliding_window_model_outgrowing_its_window_decodes_as_alone(monkeypatch):
+    """No shared prefix there: the passes are joined with left padding only."""
     from conftest import _DECODER
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(num_key_value_heads=2, sliding_window=8, **_DECODER)).double().eval()
+    monkeypatch.setattr(generation, "PROMPT_TOKENS", 24)
     prompts = [PREFIX + tail for tail in TAILS]
     assert greedy(model, prompts, NEW, [], batch_size=8, pad_id=0) == _alone(model, prompts, [])
 
