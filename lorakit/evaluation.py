@@ -16,8 +16,7 @@ import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import (encode, labelled_targets, load_rows, preference_response, render, row_field,
-                          tokenize)
+from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
 from lorakit.errors import EvalError
 from lorakit.files import atomic_file, check_inputs_survive, record_written
 from lorakit.generation import greedy, stop_ids

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -48,16 +49,22 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _step(model, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor | None = None,
-          positions: torch.Tensor | None = None) -> torch.Tensor:
-    """One forward pass that extends ``cache`` in place; the greedy token of each row's last position."""
+def _stepper(model) -> tuple[Callable[..., torch.Tensor], bool]:
+    """A forward pass that extends a cache in place and returns the greedy token of each
+    row's last position; and whether the model takes ``position_ids``."""
     takes = inspect.signature(model.forward).parameters
     # transformers 5 names the argument ``cache``; earlier versions ``past_key_values``
     name = "cache" if "cache" in takes else "past_key_values"
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions if "position_ids" in takes else None}
-    out = model(**{k: v.to(model.device) for k, v in inputs.items() if v is not None}, **{name: cache},
-                use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1).cpu()
+    positioned = "position_ids" in takes
+
+    def step(cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions if positioned else None}
+        out = model(**{k: v.to(model.device) for k, v in inputs.items() if v is not None}, **{name: cache},
+                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1).cpu()
+
+    return step, positioned
 
 
 def _shared_prefix(prompts: list[list[int]], config, max_new_tokens: int) -> int:
@@ -71,7 +78,8 @@ def _shared_prefix(prompts: list[list[int]], config, max_new_tokens: int) -> int
     return min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
 
 
-def _prompt_pass(model, prefix: list[torch.Tensor], rows: list[list[int]], start: int, pad_id: int):
+def _prompt_pass(step: Callable[..., torch.Tensor], prefix: list[torch.Tensor], rows: list[list[int]], start: int,
+                 pad_id: int):
     """One batch of prompt tails, left-padded, after the shared prefix's cache ``prefix``
     (keys and values per layer, batch 1). Returns the cache, the attention mask and the
     first generated tokens."""
@@ -86,7 +94,7 @@ def _prompt_pass(model, prefix: list[torch.Tensor], rows: list[list[int]], start
         cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
     mask = torch.cat([torch.ones((len(rows), start), dtype=torch.long), own], 1)
     positions = start + (own.cumsum(1) - 1).clamp(min=0)
-    return cache, mask, _step(model, cache, ids, mask, positions)
+    return cache, mask, step(cache, ids, mask, positions)
 
 
 def _joined(parts: list[tuple], start: int):
@@ -125,13 +133,14 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int
     if ignored:
         logger.warning("the model's generation config sets %s: lorakit decodes greedily and applies none of it",
                        ", ".join(ignored))
-    if "position_ids" not in inspect.signature(model.forward).parameters:
+    step, positioned = _stepper(model)
+    if not positioned:
         batch_size = 1
     start = _shared_prefix(prompts, model.config, max_new_tokens)
     prefix: list[torch.Tensor] = []
     if start:
         cache = DynamicCache()
-        _step(model, cache, torch.tensor([prompts[0][:start]]))
+        step(cache, torch.tensor([prompts[0][:start]]))
         prefix = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     tails = [p[start:] for p in prompts]
     outputs: dict[int, list[int]] = {}
@@ -143,32 +152,32 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int
     try:
         for group in length_batches([len(t) for t in tails], batch_size):
             passes = length_batches([len(tails[i]) for i in group], batch_size, PROMPT_TOKENS)
-            parts = [_prompt_pass(model, prefix, [tails[group[i]] for i in rows], start, pad_id) for rows in passes]
+            parts = [_prompt_pass(step, prefix, [tails[group[i]] for i in rows], start, pad_id) for rows in passes]
             order = [group[i] for rows in passes for i in rows]
             cache, mask, tokens = _joined(parts, start) if len(parts) > 1 else parts[0]
-            outputs.update(_decode(model, cache, mask, tokens, order, max_new_tokens, stops))
+            outputs.update(_decode(step, model.device, cache, mask, tokens, order, max_new_tokens, stops))
     finally:
         contiguous.remove()
     return [outputs[i] for i in range(len(prompts))]
 
 
-def _decode(model, cache, mask: torch.Tensor, tokens: torch.Tensor, rows: list[int], max_new_tokens: int,
-            stops: list[int]) -> dict[int, list[int]]:
+def _decode(step: Callable[..., torch.Tensor], device: torch.device, cache: DynamicCache, mask: torch.Tensor,
+            tokens: torch.Tensor, rows: list[int], max_new_tokens: int, stops: list[int]) -> dict[int, list[int]]:
     """Greedy steps from each row's first generated token; a row that ends leaves the batch."""
     generated: dict[int, list[int]] = {row: [] for row in rows}
     stop = torch.tensor(stops, dtype=tokens.dtype)
-    for step in range(max_new_tokens):
+    for n in range(max_new_tokens):
         ended = torch.isin(tokens, stop)
         for row, token, end in zip(rows, tokens.tolist(), ended.tolist()):
             if not end:
                 generated[row].append(token)
-        if step + 1 == max_new_tokens or bool(ended.all()):
+        if n + 1 == max_new_tokens or bool(ended.all()):
             break
         if bool(ended.any()):
             keep = (~ended).nonzero().squeeze(1)
-            cache.batch_select_indices(keep.to(model.device))
+            cache.batch_select_indices(keep.to(device))
             mask, tokens, rows = mask[keep], tokens[keep], [rows[i] for i in keep.tolist()]
         positions = mask.sum(1, keepdim=True)  # real tokens so far: the next one's position
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
-        tokens = _step(model, cache, tokens[:, None], mask, positions)
+        tokens = step(cache, tokens[:, None], mask, positions)
     return generated
