@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 import transformers
 from llama_cpp import Llama
 
@@ -24,7 +23,7 @@ from lorakit.data import encode, load_rows, render
 from lorakit.evaluation import prompt_of, resolve_target
 from lorakit.export import base_gguf_file
 from lorakit.files import atomic_file
-from lorakit.generation import stop_ids
+from lorakit.generation import greedy, stop_ids
 from lorakit.gguf_export import tokenizer_metadata, write_model
 from lorakit.model import cache_dir, load_model, load_tokenizer
 
@@ -65,14 +64,13 @@ def main() -> int:
     same = 0
     for row, where in zip(rows.rows, rows.where):
         ids = encode(tokenizer, prompt_of(render(row, target.data, tokenizer, where)))
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)
-        mine = out[0, len(ids):].tolist()
-        theirs = []
+        mine = greedy(model, [ids], args.max_new_tokens, sorted(stops), 1, tokenizer.pad_token_id)[0]
+        theirs = []  # cut before a stop token, as lorakit's are
         for token in engine.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token in stops:
+                break
             theirs.append(token)
-            if token in stops or len(theirs) == args.max_new_tokens:
+            if len(theirs) == args.max_new_tokens:
                 break
         verdict = "same" if mine == theirs else "DIFFERENT"
         same += mine == theirs
