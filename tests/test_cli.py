@@ -103,3 +103,17 @@ def test_a_full_disk_while_writing_weights_is_named_not_unexpected(capsys):
     assert stopped.value.exit_code == 1
     said = capsys.readouterr()
     assert "No space left on device" in said.out + said.err and "unexpected" not in said.out + said.err
+
+
+def test_libraries_are_quieted_without_importing_datasets():
+    # merge, export and generate never use datasets: quieting it must not import it (1.6 s),
+    # and a later import (data loading, eval's metrics) must still come up quiet
+    import subprocess
+    import sys
+
+    code = ("import sys; from lorakit.cli import _quiet_libraries; _quiet_libraries(); "
+            "assert 'datasets' not in sys.modules; import logging, datasets; "
+            "from datasets.utils.tqdm import are_progress_bars_disabled; "
+            "assert are_progress_bars_disabled(); assert datasets.logging.get_verbosity() == logging.ERROR")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
