@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -118,6 +119,10 @@ def _joined(parts: list[tuple], start: int):
     return cache, torch.cat(masks), torch.cat([first for _, _, first in parts])
 
 
+# once per model and settings: eval --compare-base and interactive generate call greedy again and again
+_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int], batch_size: int,
            pad_id: int) -> list[list[int]]:
@@ -129,8 +134,9 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int
     cannot place padded rows, so its rows run one at a time.
     """
     model.eval()
-    ignored = sorted(set(model.generation_config.to_diff_dict()) - _NEUTRAL)  # the settings not at their defaults
-    if ignored:
+    ignored = tuple(sorted(set(model.generation_config.to_diff_dict()) - _NEUTRAL))  # those not at their defaults
+    if ignored and ignored not in _warned.setdefault(model, set()):
+        _warned[model].add(ignored)
         logger.warning("the model's generation config sets %s: lorakit decodes greedily and applies none of it",
                        ", ".join(ignored))
     step, positioned = _stepper(model)

@@ -89,7 +89,12 @@ def test_generation_config_settings_greedy_ignores_are_named(caplog):
     model.generation_config.repetition_penalty = 1.3
     with caplog.at_level(logging.WARNING, logger="lorakit"):
         greedy(model, [PREFIX], 2, [], batch_size=1, pad_id=0)
-    assert "repetition_penalty" in caplog.text and "applies none of it" in caplog.text
+        greedy(model, [PREFIX], 2, [], batch_size=1, pad_id=0)
+        model.generation_config.no_repeat_ngram_size = 2
+        greedy(model, [PREFIX], 2, [], batch_size=1, pad_id=0)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "applies none of it" in warnings[0]  # once per model and settings
+    assert "repetition_penalty" in warnings[0] and "no_repeat_ngram_size" in warnings[1]
 
 
 def test_model_without_position_ids_decodes_rows_one_at_a_time():
