@@ -29,7 +29,7 @@ from lorakit.activation_memory import keep_less
 from lorakit.config import Config
 from lorakit.inject import add_lora
 from lorakit.loss import head_loss, supports_sparse_head
-from lorakit.model import DTYPES, enable_checkpointing, load_model_config, resolve_dtype
+from lorakit.model import enable_checkpointing, load_model_config, resolve_dtype
 
 # bitsandbytes 4-bit: half a byte per weight, one float32 absmax per 64 weights; with
 # double quantization the absmax is itself 8-bit (plus a float32 per 256 of those).
@@ -94,12 +94,6 @@ class MemoryEstimate:
         on = self.checkpointing if checkpointing is None else checkpointing
         activations = self.activations_checkpointed if on else self.activations
         return self.weights + self.adapters + self.gradients + self.optimizer + activations
-
-
-def _compute_dtype(cfg: Config, config) -> torch.dtype:
-    if cfg.model.quantization is not None:
-        return DTYPES[cfg.model.quantization.compute_dtype]
-    return resolve_dtype(cfg.model, cfg.trains_whole_weights)
 
 
 def _weight_bytes(model: torch.nn.Module, cfg: Config) -> int:
@@ -168,7 +162,9 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
     rows = min(trained_rows, batch_size * (length - 1))
     with FakeTensorMode():
-        model = AutoModelForCausalLM.from_config(config, dtype=_compute_dtype(cfg, config),
+        # in the model's dtype even for a 4-bit base: its layers return their input's dtype,
+        # whatever quantization.compute_dtype their matmuls run in, so the activations keep it
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.model, cfg.trains_whole_weights),
                                                  trust_remote_code=cfg.model.trust_remote_code)
         if cfg.model.quantization is None:  # as training does (4-bit MLPs stay as they are: counted whole here)
             keep_less(model)

@@ -134,7 +134,7 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_compute_dtype=quantized_compute_dtype(cfg),
     )
 
 
@@ -202,6 +202,17 @@ def resolve_dtype(cfg: ModelConfig, trains_whole_weights: bool = False) -> torch
         return DTYPES[cfg.dtype]
     fast = bf16_is_fast() and not trains_whole_weights and cfg.quantization is None
     return torch.bfloat16 if fast else torch.float32
+
+
+def quantized_compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype a 4-bit base's matmuls compute in (``quantization.compute_dtype``); the
+    weights are dequantized to it for each matmul. ``auto`` follows ``model.dtype``, and
+    under ``model.dtype: auto`` is bfloat16 where the hardware runs it fast
+    (``bf16_is_fast``), else float32."""
+    name = cfg.quantization.compute_dtype
+    if name == "auto":
+        name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if bf16_is_fast() else "float32"
+    return DTYPES[name]
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:

@@ -423,6 +423,27 @@ def test_dtype_auto_picks_bfloat16_only_where_it_is_fast(monkeypatch):
     assert resolve_dtype(ModelConfig()) == torch.float32
 
 
+def test_qlora_compute_dtype_auto_follows_the_model_dtype(monkeypatch):
+    import lorakit.model as model_module
+    from lorakit.config import ModelConfig
+    from lorakit.model import quantization_config, quantized_compute_dtype
+
+    def compute(fast: bool, **model) -> torch.dtype:
+        monkeypatch.setattr(model_module, "bf16_is_fast", lambda: fast)
+        cfg = ModelConfig(**model)
+        dtype = quantized_compute_dtype(cfg)
+        assert quantization_config(cfg).bnb_4bit_compute_dtype == dtype  # what bitsandbytes is given
+        return dtype
+
+    four = {"bits": 4}
+    assert compute(True, quantization=four) == torch.bfloat16
+    assert compute(False, quantization=four) == torch.float32
+    assert compute(True, quantization=four, dtype="float32") == torch.float32  # float32 turns it off
+    assert compute(False, quantization=four, dtype="bfloat16") == torch.bfloat16
+    assert compute(True, quantization={"bits": 4, "compute_dtype": "float32"}) == torch.float32  # explicit: kept
+    assert compute(False, quantization={"bits": 4, "compute_dtype": "float16"}) == torch.float16
+
+
 def test_auto_trains_a_bfloat16_base_with_float32_adapters(tiny_model_dir, tmp_path, monkeypatch):
     import lorakit.model as model_module
 
