@@ -419,6 +419,11 @@ def _cross_problems(raw: dict, config: Config) -> list[str]:
     elif config.model.quantization is not None and config.lora.changes_base:
         problems.append(f"lora.init: {config.lora.init} takes the principal part out of each base weight, which a "
                         "quantized base cannot take without re-quantizing; use init: kaiming with model.quantization")
+    quantization = _raw_section(_raw_section(raw, "model"), "quantization")
+    if config.model.quantization is not None and config.model.quantization.bits == 8:
+        problems += [f"model.quantization.{key}: applies to 4-bit bases only, and bits is 8 (bitsandbytes' 8-bit "
+                     "layers take no such setting); remove it or use bits: 4"
+                     for key in ("quant_type", "double_quant", "compute_dtype") if quantization.get(key) is not None]
     problems += _objective_problems(raw, config)
     return problems
 

@@ -57,6 +57,9 @@ def test_defaults_fill_in(good, tmp_path):
         ({"training": {}}, "set training.max_steps or training.epochs"),
         ({"data": {"train": "missing.jsonl"}}, "data.train: no such file or directory: 'missing.jsonl'"),
         ({"model": {"quantization": {"bits": 3}}}, "model.quantization.bits: Input should be 4 or 8"),
+        ({"model": {"quantization": {"bits": 8, "compute_dtype": "bfloat16"}}},
+         "model.quantization.compute_dtype: applies to 4-bit bases only"),
+        ({"model": {"quantization": {"bits": 8, "quant_type": "fp4"}}}, "model.quantization.quant_type: applies to"),
         ({"data": {"format": "sharegpt"}}, "data.format: Input should be"),
     ],
 )
@@ -66,6 +69,11 @@ def test_each_problem_is_named(good, tmp_path, patch, expected):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, good))
     assert expected in str(err.value)
+
+
+def test_an_8bit_base_without_4bit_settings_loads(good, tmp_path):
+    good["model"] = {"quantization": {"bits": 8}}
+    assert load_config(_write(tmp_path, good)).model.quantization.bits == 8
 
 
 def test_all_problems_reported_together(good, tmp_path):
