@@ -398,7 +398,14 @@ def encode(tokenizer, text: str, where: str = "prompt") -> list[int]:
 
 def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool,
              where: str = "data") -> dict:
-    """Token ids and labels; a token is trained when it starts inside a trained segment.
+    """Token ids and labels of one rendered row (``tokenize_many``)."""
+    return tokenize_many([segments], tokenizer, max_length, train_on_prompt, [where])[0]
+
+
+def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer, max_length: int, train_on_prompt: bool,
+                  places: list[str]) -> list[dict]:
+    """Token ids and labels of rendered rows, tokenized in one batch; a token is trained
+    when it starts inside a trained segment.
 
     The tokenizer's BOS is put first when the text lacks it (``bos_of``), as context.
     When one token holds both the end of the context and the start of a trained segment
@@ -407,30 +414,43 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train
     not trained, and generation from the prompt alone sees other tokens.
 
     Raises:
-        DataError: a token the model has no embedding for, naming ``where``.
+        DataError: a token the model has no embedding for, naming the row's place.
     """
-    text = "".join(s for s, _ in segments)
-    spans, start = [], 0
-    for segment, trained in segments:
-        end = start + len(segment)
-        if (trained or train_on_prompt) and spans and spans[-1][1] == start:
-            spans[-1] = (spans[-1][0], end)
-        elif trained or train_on_prompt:
-            spans.append((start, end))
-        start = end
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    _check_ids(ids, tokenizer, where)
-    labels = [tok if any(a <= begin < b for a, b in spans) else IGNORE for tok, (begin, _) in zip(ids, offsets)]
+    texts, trained_spans = [], []
+    for segments in rows:
+        spans, start = [], 0
+        for segment, trained in segments:
+            end = start + len(segment)
+            if (trained or train_on_prompt) and spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
+            elif trained or train_on_prompt:
+                spans.append((start, end))
+            start = end
+        texts.append("".join(s for s, _ in segments))
+        trained_spans.append(spans)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
     bos = bos_of(tokenizer)
-    if bos and ids[:1] != bos:
-        ids, offsets, labels = bos + ids, [(0, 0)] + offsets, [IGNORE] + labels
-    example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
-    offsets = offsets[:max_length]
-    split = next((tok for tok, (begin, end) in zip(ids, offsets) if any(begin < a < end for a, _ in spans)), None)
-    if split is not None:
-        example["split"] = tokenizer.decode([split])
-    return example
+    examples = []
+    for i, (spans, where) in enumerate(zip(trained_spans, places)):
+        ids, offsets = encoded["input_ids"][i], encoded["offset_mapping"][i]
+        _check_ids(ids, tokenizer, where)
+        begins = torch.tensor([b for b, _ in offsets], dtype=torch.long)
+        ends = torch.tensor([e for _, e in offsets], dtype=torch.long)
+        inside = torch.zeros(len(ids), dtype=torch.bool)
+        straddles = torch.zeros(len(ids), dtype=torch.bool)
+        for a, b in spans:
+            inside |= (begins >= a) & (begins < b)
+            straddles |= (begins < a) & (ends > a)
+        labels = [tok if keep else IGNORE for tok, keep in zip(ids, inside.tolist())]
+        split = ids[int(straddles.int().argmax())] if bool(straddles.any()) else None
+        if bos and ids[:1] != bos:
+            ids, labels = bos + ids, [IGNORE] + labels
+            straddles = torch.cat([straddles.new_zeros(1), straddles])
+        example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+        if split is not None and bool(straddles[:max_length].any()):
+            example["split"] = tokenizer.decode([split])
+        examples.append(example)
+    return examples
 
 
 @dataclass
@@ -458,8 +478,9 @@ def data_report(cfg: DataConfig, tokenizer, split: str = "train") -> DataReport:
     over = cut = trained = total = 0
     eos_trained = False
     special = special_tokens(tokenizer)
-    for row, where in zip(rows.rows, rows.where):
-        full = tokenize(render(row, cfg, tokenizer, where), tokenizer, 10**9, cfg.train_on_prompt, where)
+    rendered = [render(row, cfg, tokenizer, where) for row, where in zip(rows.rows, rows.where)]
+    tokenized = tokenize_many(rendered, tokenizer, 10**9, cfg.train_on_prompt, rows.where)
+    for row, where, full in zip(rows.rows, rows.where, tokenized):
         if "split" in full:
             splits.append((where, full.pop("split")))
         if token := special_token_in(row, cfg, special):

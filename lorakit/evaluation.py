@@ -16,7 +16,7 @@ import torch
 
 from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize
+from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize_many
 from lorakit.errors import EvalError
 from lorakit.files import atomic_file, check_inputs_survive, record_written
 from lorakit.generation import greedy, stop_ids
@@ -119,7 +119,7 @@ def _score_model(model, tokenizer, segments, places, references, data, metrics, 
             if m in GENERATION_METRICS:
                 scores.update(score(m, predictions, references))
     if "perplexity" in metrics:
-        full = [tokenize(s, tokenizer, 10**9, False, place) for s, place in zip(segments, places)]
+        full = tokenize_many(segments, tokenizer, 10**9, False, places)
         examples = [{k: e[k][: data.max_length] for k in ("input_ids", "labels")} for e in full]
         cut = sum(len(e["input_ids"]) > data.max_length for e in full)
         if cut:
