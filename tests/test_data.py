@@ -289,3 +289,28 @@ def test_json_lines_end_only_at_line_breaks(tmp_path):
     (tmp_path / "d.jsonl").write_text(lines[0] + "\r\n" + lines[1] + "\r" + lines[2] + "\n", newline="")
     loaded = load_rows(str(tmp_path / "d.jsonl"))
     assert loaded.rows == rows and loaded.where[2].endswith("line 3")
+
+
+def test_rows_tokenized_together_match_each_alone_and_name_a_token_across_the_answer():
+    """tokenize_many batches the tokenizer call: each row must come out as it would alone,
+    with its split token (one token holding the prompt's end and the answer's start) found
+    only where it falls within max_length."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.data import tokenize_many
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"Ġy": 256, "Ġye": 257, "Ġyes": 258}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "y"), ("Ġy", "e"), ("Ġye", "s")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    bpe = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
+    rows = [[("Q:", False), (" yes", True)], [("Q: ", False), ("yes", True)], [("long prompt ", False), ("yes", True)],
+            [("", False), ("no", True)]]
+    together = tokenize_many(rows, bpe, 32, False, ["a", "b", "c", "d"])
+    assert together == [tokenize(row, bpe, 32, False, where) for row, where in zip(rows, "abcd")]
+    assert together[0]["labels"][-1] == vocab["Ġyes"] and "split" not in together[0]
+    assert together[1]["split"] == " yes" and all(label == IGNORE for label in together[1]["labels"])
+    assert "split" not in tokenize_many(rows[1:2], bpe, 2, False, ["b"])[0]  # the token is cut away
+    assert bpe.decode([t for t, label in zip(together[3]["input_ids"], together[3]["labels"]) if label != IGNORE]) == "no"
