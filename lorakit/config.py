@@ -170,7 +170,7 @@ class QuantizationConfig(_Section):
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: see model.quantized_compute_dtype
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # see quantized_compute_dtype
 
 
 class ModelConfig(_Section):
