@@ -396,6 +396,9 @@ def encode(tokenizer, text: str, where: str = "prompt") -> list[int]:
     return ids if ids[: len(bos)] == bos else bos + ids
 
 
+_TOKENIZER_BATCH = 1024  # rows per tokenizer call in tokenize_many
+
+
 def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool,
              where: str = "data") -> dict:
     """Token ids and labels of one rendered row (``tokenize_many``)."""
@@ -404,8 +407,8 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, max_length: int, train
 
 def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer, max_length: int, train_on_prompt: bool,
                   places: list[str]) -> list[dict]:
-    """Token ids and labels of rendered rows, tokenized in one batch; a token is trained
-    when it starts inside a trained segment.
+    """Token ids and labels of rendered rows, tokenized in batches of rows; a token is
+    trained when it starts inside a trained segment.
 
     The tokenizer's BOS is put first when the text lacks it (``bos_of``), as context.
     When one token holds both the end of the context and the start of a trained segment
@@ -428,11 +431,12 @@ def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer, max_length: int
             start = end
         texts.append("".join(s for s, _ in segments))
         trained_spans.append(spans)
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
     bos = bos_of(tokenizer)
     examples = []
     for i, (spans, where) in enumerate(zip(trained_spans, places)):
-        ids, offsets = encoded["input_ids"][i], encoded["offset_mapping"][i]
+        if i % _TOKENIZER_BATCH == 0:  # in batches: a whole dataset's offsets at once could fill memory
+            encoded = tokenizer(texts[i : i + _TOKENIZER_BATCH], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"][i % _TOKENIZER_BATCH], encoded["offset_mapping"][i % _TOKENIZER_BATCH]
         _check_ids(ids, tokenizer, where)
         begins = torch.tensor([b for b, _ in offsets], dtype=torch.long)
         ends = torch.tensor([e for _, e in offsets], dtype=torch.long)

@@ -291,7 +291,7 @@ def test_json_lines_end_only_at_line_breaks(tmp_path):
     assert loaded.rows == rows and loaded.where[2].endswith("line 3")
 
 
-def test_rows_tokenized_together_match_each_alone_and_name_a_token_across_the_answer():
+def test_rows_tokenized_together_match_each_alone_and_name_a_token_across_the_answer(monkeypatch):
     """tokenize_many batches the tokenizer call: each row must come out as it would alone,
     with its split token (one token holding the prompt's end and the answer's start) found
     only where it falls within max_length."""
@@ -308,6 +308,7 @@ def test_rows_tokenized_together_match_each_alone_and_name_a_token_across_the_an
     bpe = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
     rows = [[("Q:", False), (" yes", True)], [("Q: ", False), ("yes", True)], [("long prompt ", False), ("yes", True)],
             [("", False), ("no", True)]]
+    monkeypatch.setattr("lorakit.data._TOKENIZER_BATCH", 3)  # the rows cross a batch boundary
     together = tokenize_many(rows, bpe, 32, False, ["a", "b", "c", "d"])
     assert together == [tokenize(row, bpe, 32, False, where) for row, where in zip(rows, "abcd")]
     assert together[0]["labels"][-1] == vocab["Ġyes"] and "split" not in together[0]
