@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from lorakit.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, InputError, LorakitError, TrainingInterrupted
 from lorakit.files import exclusive
+from lorakit.metrics import METRICS
 from lorakit.report import console, fail_message, note
 
 app = typer.Typer(
@@ -84,11 +85,7 @@ class Outtype(str, Enum):
     q8_0 = "q8_0"
 
 
-class Metric(str, Enum):
-    rouge = "rouge"
-    bleu = "bleu"
-    exact_match = "exact_match"
-    perplexity = "perplexity"
+Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # the choices of --metric
 
 
 def _quiet_libraries() -> None:

@@ -117,3 +117,17 @@ def test_libraries_are_quieted_without_importing_datasets():
             "assert are_progress_bars_disabled(); assert datasets.logging.get_verbosity() == logging.ERROR")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_generate_and_eval_setup_import_no_metric_library():
+    # evaluate and datasets cost seconds to import; only scoring a generation metric needs them
+    import subprocess
+    import sys
+
+    code = ("import sys; import lorakit.evaluation; from lorakit.cli import Metric; from lorakit.metrics import METRICS; "
+            "assert [m.value for m in Metric] == list(METRICS); "
+            "assert not {'evaluate', 'datasets'} & set(sys.modules), sorted({'evaluate', 'datasets'} & set(sys.modules)); "
+            "from lorakit.metrics import score; assert score('exact_match', ['A '], ['a']) == {'exact_match': 1.0}; "
+            "assert 'evaluate' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
