@@ -446,13 +446,11 @@ def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer, max_length: int
             inside |= (begins >= a) & (begins < b)
             straddles |= (begins < a) & (ends > a)
         labels = [tok if keep else IGNORE for tok, keep in zip(ids, inside.tolist())]
-        split = ids[int(straddles.int().argmax())] if bool(straddles.any()) else None
-        if bos and ids[:1] != bos:
-            ids, labels = bos + ids, [IGNORE] + labels
-            straddles = torch.cat([straddles.new_zeros(1), straddles])
-        example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
-        if split is not None and bool(straddles[:max_length].any()):
-            example["split"] = tokenizer.decode([split])
+        split = int(straddles.int().argmax()) if bool(straddles.any()) else None  # the first such token
+        shift = len(bos) if bos and ids[:1] != bos else 0
+        example = {"input_ids": (bos[:shift] + ids)[:max_length], "labels": ([IGNORE] * shift + labels)[:max_length]}
+        if split is not None and split + shift < max_length:
+            example["split"] = tokenizer.decode([ids[split]])
         examples.append(example)
     return examples
 

@@ -10,9 +10,12 @@ import datasets
 import evaluate
 
 from lorakit import metrics
-from lorakit.metrics import bleu_tokens, words
 
 _FEATURES = datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")})
+
+
+def _metric_info(citation: str) -> evaluate.MetricInfo:
+    return evaluate.MetricInfo(description=metrics.__doc__, citation=citation, inputs_description="", features=_FEATURES)
 
 
 class _RougeWords:
@@ -25,14 +28,14 @@ class _RougeWords:
         self._stemmer = porter.PorterStemmer()
 
     def tokenize(self, text: str) -> list[str]:
-        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words(text)]
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in metrics.words(text)]
 
 
 class Rouge(evaluate.Metric):
     """ROUGE-1/2/L F-measure (stemmed), averaged over examples."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(description=metrics.__doc__, citation="Lin, 2004", inputs_description="", features=_FEATURES)
+        return _metric_info("Lin, 2004")
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         from rouge_score import rouge_scorer
@@ -47,14 +50,13 @@ class Bleu(evaluate.Metric):
     """Corpus BLEU-4 with the brevity penalty, no smoothing."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(description=metrics.__doc__, citation="Papineni et al., 2002", inputs_description="",
-                                   features=_FEATURES)
+        return _metric_info("Papineni et al., 2002")
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         matches, totals = [0] * 4, [0] * 4
         pred_len = ref_len = 0
         for pred, ref in zip(predictions, references):
-            p, r = bleu_tokens(pred), bleu_tokens(ref)
+            p, r = metrics.bleu_tokens(pred), metrics.bleu_tokens(ref)
             pred_len, ref_len = pred_len + len(p), ref_len + len(r)
             for n in range(1, 5):
                 p_grams = Counter(tuple(p[i : i + n]) for i in range(len(p) - n + 1))
@@ -72,7 +74,7 @@ class ExactMatch(evaluate.Metric):
     """Share of predictions equal to the reference (stripped, case-insensitive)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(description=metrics.__doc__, citation="", inputs_description="", features=_FEATURES)
+        return _metric_info("")
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         hits = sum(p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references))

@@ -206,12 +206,11 @@ def resolve_dtype(cfg: ModelConfig, trains_whole_weights: bool = False) -> torch
 
 def quantized_compute_dtype(cfg: ModelConfig) -> torch.dtype:
     """The dtype a 4-bit base's matmuls compute in (``quantization.compute_dtype``); the
-    weights are dequantized to it for each matmul. ``auto`` follows ``model.dtype``, and
-    under ``model.dtype: auto`` is bfloat16 where the hardware runs it fast
-    (``bf16_is_fast``), else float32."""
+    weights are dequantized to it for each matmul. ``auto`` is what ``resolve_dtype`` gives
+    the same model unquantized: ``model.dtype`` when set, else bfloat16 where it is fast."""
     name = cfg.quantization.compute_dtype
     if name == "auto":
-        name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if bf16_is_fast() else "float32"
+        return resolve_dtype(cfg.model_copy(update={"quantization": None}))
     return DTYPES[name]
 
 
