@@ -76,7 +76,9 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
             and query.dtype in _HALF and not dropout
             and (query.requires_grad or key.requires_grad or value.requires_grad)
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and kwargs.get("s_aux") is None and length == key.shape[2] and length > 1)
+            and kwargs.get("s_aux") is None and length > 1
+            # torch's is_causal aligns a shorter query block to the keys' start, not their end
+            and (length == key.shape[2] or attention_mask is not None))
     if not ours:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

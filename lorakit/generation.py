@@ -14,7 +14,6 @@ alone, up to float rounding.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import weakref
@@ -24,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from lorakit.data import length_batches
+from lorakit.prefix import cache_keyword, expanded, fits_window, takes_positions
 
 logger = logging.getLogger("lorakit")
 
@@ -53,10 +53,8 @@ def stop_ids(tokenizer) -> list[int]:
 def _stepper(model) -> tuple[Callable[..., torch.Tensor], bool]:
     """A forward pass that extends a cache in place and returns the greedy token of each
     row's last position; and whether the model takes ``position_ids``."""
-    takes = inspect.signature(model.forward).parameters
-    # transformers 5 names the argument ``cache``; earlier versions ``past_key_values``
-    name = "cache" if "cache" in takes else "past_key_values"
-    positioned = "position_ids" in takes
+    name = cache_keyword(model) or "past_key_values"
+    positioned = takes_positions(model)
 
     def step(cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor | None = None,
              positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,29 +68,23 @@ def _stepper(model) -> tuple[Callable[..., torch.Tensor], bool]:
 
 def _shared_prefix(prompts: list[list[int]], config, max_new_tokens: int) -> int:
     """Tokens every prompt starts with, leaving each at least one of its own (its last
-    position gives its first token). None under a sliding window the rows may outgrow:
-    the window counts cache slots, and padding after the prefix would push real tokens
-    out of it."""
-    window = getattr(config, "sliding_window", None)
-    if len(prompts) < 2 or isinstance(window, int) and max(map(len, prompts)) + max_new_tokens > window:
+    position gives its first token). None under a sliding window the rows may outgrow."""
+    if len(prompts) < 2 or not fits_window(config, max(map(len, prompts)) + max_new_tokens):
         return 0
     return min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
 
 
-def _prompt_pass(step: Callable[..., torch.Tensor], prefix: list[torch.Tensor], rows: list[list[int]], start: int,
+def _prompt_pass(step: Callable[..., torch.Tensor], prefix: DynamicCache, rows: list[list[int]], start: int,
                  pad_id: int):
     """One batch of prompt tails, left-padded, after the shared prefix's cache ``prefix``
-    (keys and values per layer, batch 1). Returns the cache, the attention mask and the
-    first generated tokens."""
+    (batch 1). Returns the cache, the attention mask and the first generated tokens."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     own = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, width - len(row):] = torch.tensor(row)
         own[i, width - len(row):] = 1
-    cache = DynamicCache()
-    for layer, (keys, values) in enumerate(zip(prefix[::2], prefix[1::2])):
-        cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+    cache = expanded(prefix, len(rows))
     mask = torch.cat([torch.ones((len(rows), start), dtype=torch.long), own], 1)
     positions = start + (own.cumsum(1) - 1).clamp(min=0)
     return cache, mask, step(cache, ids, mask, positions)
@@ -143,11 +135,9 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int
     if not positioned:
         batch_size = 1
     start = _shared_prefix(prompts, model.config, max_new_tokens)
-    prefix: list[torch.Tensor] = []
+    prefix = DynamicCache()
     if start:
-        cache = DynamicCache()
-        step(cache, torch.tensor([prompts[0][:start]]))
-        prefix = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        step(prefix, torch.tensor([prompts[0][:start]]))
     tails = [p[start:] for p in prompts]
     outputs: dict[int, list[int]] = {}
     # With logits_to_keep, the head gets the last position's slice of the hidden states, a

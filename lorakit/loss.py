@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit.data import IGNORE, collate, length_batches
 from lorakit.lora import is_bare_linear
+from lorakit.prefix import cache_keyword, fits_window, hidden_after_prefix, shared_length, takes_positions
 
 # Config attributes of heads that do more than a matmul (soft-capping, scaling):
 # those models keep transformers' own loss.
@@ -122,10 +123,16 @@ class CausalLMLoss(nn.Module):
     the path when Accelerate wraps this module.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, share_prefixes: bool = True) -> None:
+        """``share_prefixes``: compute the leading tokens a batch's rows share once
+        (``lorakit.prefix``); off where the body is sharded or compiled, which run it as
+        one call per batch."""
         super().__init__()
         self.model = model
         self.sparse = supports_sparse_head(model)
+        body = model.base_model if self.sparse else None
+        self.prefix_keyword = (cache_keyword(body) if share_prefixes and self.sparse and takes_positions(body)
+                               else None)
         # FSDP shards per transformer block; Accelerate finds the block class here.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
@@ -134,21 +141,48 @@ class CausalLMLoss(nn.Module):
         """The mean next-token loss over this batch's labelled tokens or, with
         ``normalizer``, their summed loss divided by it (the batch's share of a mean over
         several micro-batches and processes)."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if position_ids is not None:  # packed rows
-            inputs["position_ids"] = position_ids
         targets = labels[:, 1:]
         keep = targets != IGNORE
         if not self.sparse:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if position_ids is not None:  # packed rows
+                inputs["position_ids"] = position_ids
             loss = self.model(**inputs, labels=labels).loss
         else:
-            hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
-            loss = head_loss(self.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep])
+            start = 0
+            if self.may_share(attention_mask, position_ids):
+                start = shared_length(input_ids, attention_mask, labels)
+            hidden = self.hidden(input_ids, attention_mask, position_ids, start)
+            # the first ``start`` positions' next tokens are nobody's targets (shared_length)
+            kept = keep[:, start:]
+            loss = head_loss(self.model.get_output_embeddings(), hidden[:, :-1][kept], targets[:, start:][kept])
         if normalizer is None:
             return loss
         n = int(keep.sum())
         # A micro-batch with nothing to predict adds nothing (its mean over no tokens is NaN).
         return loss * (n / normalizer) if n else torch.nan_to_num(loss) * 0.0
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+               start: int = 0) -> torch.Tensor:
+        """The body's last hidden states from position ``start`` on, the first ``start``
+        tokens (which every row has) computed once."""
+        if start:
+            return hidden_after_prefix(self.model.base_model, self.prefix_keyword, input_ids, attention_mask, start)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:  # packed rows
+            inputs["position_ids"] = position_ids
+        return self.model.base_model(**inputs, use_cache=False).last_hidden_state
+
+    def may_share(self, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> bool:
+        """Whether a batch's shared leading tokens may be computed once: not for packed rows,
+        under activation checkpointing (recomputed blocks would append to the cache twice)
+        or a sliding window the rows could outgrow."""
+        # transformers >= 5 renamed is_gradient_checkpointing (and warns on the old name)
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        return (self.prefix_keyword is not None and position_ids is None and attention_mask.dim() == 2
+                and not checkpointing and fits_window(self.model.config, attention_mask.shape[1]))
 
 
 @torch.no_grad()

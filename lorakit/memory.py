@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from lorakit.activation_memory import keep_less
 from lorakit.config import Config
 from lorakit.inject import add_lora
-from lorakit.loss import head_loss, supports_sparse_head
+from lorakit.loss import CausalLMLoss, head_loss
 from lorakit.model import enable_checkpointing, load_model_config, resolve_dtype
 
 # bitsandbytes 4-bit: half a byte per weight, one float32 absmax per 64 weights; with
@@ -128,16 +128,19 @@ def _optimizer_bytes(trainable: list[torch.nn.Parameter], optimizer: str) -> int
 
 
 def _activation_peak(model: torch.nn.Module, batch_size: int, length: int, trained_rows: int,
-                     autocast: torch.dtype | None) -> int:
+                     autocast: torch.dtype | None, shared: int) -> int:
     """Peak bytes of one forward and backward pass, beyond the weights it reads."""
     ids = torch.zeros(batch_size, length, dtype=torch.long)
     mask = torch.ones(batch_size, length, dtype=torch.long)
     counter = LiveTensorBytes()
     with counter, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        if supports_sparse_head(model):
-            # the training loss keeps only labelled positions (lorakit.loss); here, the first ones
-            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            rows = hidden.flatten(0, 1)[torch.arange(trained_rows)]
+        loss_model = CausalLMLoss(model)
+        if loss_model.sparse:
+            # as the training loss computes it (lorakit.loss): the shared prefix once, then only
+            # labelled positions through the head (here, the first ones)
+            hidden = loss_model.hidden(ids, mask, start=shared if loss_model.may_share(mask) else 0).flatten(0, 1)
+            trained_rows = min(trained_rows, hidden.shape[0])
+            rows = hidden[torch.arange(trained_rows)]
             loss = head_loss(model.get_output_embeddings(), rows, torch.zeros(trained_rows, dtype=torch.long))
         else:
             loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -146,7 +149,7 @@ def _activation_peak(model: torch.nn.Module, batch_size: int, length: int, train
     return max(0, counter.peak - weights)
 
 
-def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int) -> MemoryEstimate:
+def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int, shared: int = 0) -> MemoryEstimate:
     """The memory a training step of ``cfg`` needs, computed without allocating it.
 
     Args:
@@ -155,6 +158,8 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
         length: tokens per sequence (the longest batch's length).
         trained_rows: positions per micro-batch that carry a loss (at most
             ``batch_size × (length - 1)``).
+        shared: leading tokens every row of the batch has, which training computes once
+            (``lorakit.prefix``) unless the config compiles the model.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -174,9 +179,10 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
         for param in model.parameters():
             if param.requires_grad:  # gradients are counted apart: keep only their transient
                 param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-        activations = _activation_peak(model, batch_size, length, rows, autocast)
+        activations = _activation_peak(model, batch_size, length, rows, autocast,
+                                       0 if cfg.training.compile else shared)
         enable_checkpointing(model)
-        checkpointed = _activation_peak(model, batch_size, length, rows, autocast)
+        checkpointed = _activation_peak(model, batch_size, length, rows, autocast, 0)  # no sharing
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     return MemoryEstimate(

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from lorakit.adapter_io import with_init_from
 from lorakit.config import Config
-from lorakit.data import build_examples, epoch_steps, labelled_targets, pack, total_steps
+from lorakit.data import build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.model import load_tokenizer
 from lorakit.pairs import build_pairs
+from lorakit.prefix import shared_length
 from lorakit.preflight import preflight
 
 
@@ -53,7 +54,11 @@ def make_plan(cfg: Config, processes: int = 1) -> Plan:
     # The heaviest micro-batch: the longest rows padded to the longest length, with the
     # most trained tokens (DPO's reference pass keeps no activations for backward).
     batch = min(t.batch_size, units) * rows_per_unit
-    memory = estimate_memory(cfg, batch, max(lengths), sum(sorted(trained)[-batch:]))
+    shared = 0  # the leading tokens its rows share, computed once (supervised rows, unpacked)
+    if t.objective == "sft" and not cfg.data.packing and batch > 1:
+        longest = sorted(range(units), key=lengths.__getitem__)[-batch:]
+        shared = shared_length(**collate([examples[i] for i in longest], tokenizer.pad_token_id))
+    memory = estimate_memory(cfg, batch, max(lengths), sum(sorted(trained)[-batch:]), shared)
     return Plan(
         examples=units,
         tokens_per_epoch=sum(lengths),

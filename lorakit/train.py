@@ -260,8 +260,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         logger.warning("training.warmup_steps (%d) is not below the run's %d steps: the learning rate never reaches "
                        "training.lr", t.warmup_steps, n_steps)
     scheduler = lr_scheduler(optimizer, t.scheduler, t.warmup_steps, n_steps)
-    loss_model, optimizer = accelerator.prepare(PreferenceLoss(model, cfg) if preference else CausalLMLoss(model),
-                                                optimizer)
+    # The shared prefix pass (lorakit.prefix) is a second call into the body: only where the body
+    # is whole on each process (one process, or DDP's MULTI_*) and not compiled.
+    kind = accelerator.distributed_type.value
+    whole = not t.compile and (kind == "NO" or kind.startswith("MULTI_"))
+    loss_model, optimizer = accelerator.prepare(
+        PreferenceLoss(model, cfg) if preference else CausalLMLoss(model, share_prefixes=whole), optimizer)
     core = accelerator.unwrap_model(loss_model)
     plain = core.model
     params = [p for p in plain.parameters() if p.requires_grad]  # FSDP replaces them with shards

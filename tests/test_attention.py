@@ -46,14 +46,18 @@ MASKS = {
 @pytest.mark.parametrize("mask_name", MASKS)
 @pytest.mark.parametrize("block_bytes", [32 << 20, 3 * 4 * 4 * 12 * 5])  # one block of rows, or blocks of 5 rows
 def test_gradients_match_the_fused_kernel_to_its_precision(monkeypatch, mask_name, block_bytes):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     monkeypatch.setattr(attn, "_BLOCK_BYTES", block_bytes)
     q, k, v = _inputs()
     mask = MASKS[mask_name](q.shape[2])
     upstream = torch.randn(3, q.shape[2], 4, 16, generator=torch.Generator().manual_seed(1))
     if mask_name == "a row that sees nothing":
         upstream[:, 0] = 0  # the fused kernel's output there is not defined; only its gradient is
+    _assert_like_the_fused_kernel(q, k, v, mask, upstream)
+
+
+def _assert_like_the_fused_kernel(q, k, v, mask, upstream):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     _, exact = _grads(sdpa_attention_forward, q.double(), k.double(), v.double(), mask, torch.float64, upstream)
     fused_out, fused = _grads(sdpa_attention_forward, q, k, v, mask, torch.bfloat16, upstream)
     ours_out, ours = _grads(attn.attention, q, k, v, mask, torch.bfloat16, upstream)
@@ -62,6 +66,20 @@ def test_gradients_match_the_fused_kernel_to_its_precision(monkeypatch, mask_nam
         assert torch.isfinite(o).all(), name
         scale = e.abs().max()
         assert (o - e).abs().max() <= 2 * max((f - e).abs().max(), 1e-2 * scale), name
+
+
+def test_queries_after_a_shared_prefix_get_the_same_gradients(monkeypatch):
+    """Rows after a cached prefix (lorakit.prefix): 12 queries, 5 more keys before them."""
+    monkeypatch.setattr(attn, "_BLOCK_BYTES", 3 * 4 * 4 * 17 * 5)  # blocks of 5 query rows
+    q, _, _ = _inputs(length=12)
+    _, k, v = _inputs(length=17, seed=2)
+    own = torch.arange(12)[None, :] < torch.tensor([12, 9, 5])[:, None]  # right padding of each row's own tokens
+    keys = torch.cat([torch.ones(3, 5, dtype=torch.bool), own], 1)
+    mask = (torch.ones(12, 17, dtype=torch.bool).tril(5)[None] & keys[:, None, :])[:, None]
+    upstream = torch.randn(3, 12, 4, 16, generator=torch.Generator().manual_seed(1))
+    leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    assert _uses_ours(attn.attention(_Module(), *leaves, mask)[0])
+    _assert_like_the_fused_kernel(q, k, v, mask, upstream)
 
 
 @pytest.mark.parametrize("compiling", [False, True])

@@ -7,7 +7,7 @@ import lorakit.loss as loss_module
 from conftest import build
 from lorakit import LoraConfig, add_lora
 from lorakit.inject import lora_modules
-from lorakit.data import length_batches
+from lorakit.data import collate, length_batches
 from lorakit.loss import CausalLMLoss, evaluate_loss, head_loss, supports_sparse_head
 
 
@@ -157,3 +157,61 @@ def test_validation_loss_is_the_mean_over_tokens_in_batches_of_similar_length():
     wrapped.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
     assert evaluate_loss(wrapped, examples, batch_size=2, pad_id=0, device="cpu") == pytest.approx(total / count, rel=1e-5)
     assert widths == [(2, 4), (2, 9), (2, 14)]  # sorted: 3 and 4, 5 and 9, 12 and 14 tokens
+
+
+def _prefixed_rows(prefix: int, rows: int = 5) -> list[dict]:
+    """Examples that start with the same ``prefix`` tokens, then a prompt tail and an
+    answer of their own (different lengths)."""
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.randint(3, 128, (prefix,), generator=gen)
+    examples = []
+    for i in range(rows):
+        tail = torch.randint(3, 128, (4 + i,), generator=gen)
+        answer = torch.randint(3, 128, (3 + 2 * i,), generator=gen)
+        examples.append({"input_ids": torch.cat([shared, tail, answer]).tolist(),
+                         "labels": [-100] * (prefix + len(tail)) + answer.tolist()})
+    return examples
+
+
+def test_a_shared_prefix_computed_once_gives_each_row_its_own_loss_and_gradients(arch, monkeypatch):
+    model = add_lora(build(arch), LoraConfig(target_modules="all-linear", dropout=0.0))
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B.weight, std=0.1)
+    examples = _prefixed_rows(33)  # 4 more rows × 33 tokens: worth sharing
+    batch = collate(examples, 0)
+    calls = []
+    once = loss_module.hidden_after_prefix
+    monkeypatch.setattr(loss_module, "hidden_after_prefix", lambda *a: calls.append(a[-1]) or once(*a))
+
+    def loss_and_grads(share: bool):
+        model.zero_grad()
+        loss = CausalLMLoss(model, share_prefixes=share)(**batch)
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    separate, expected = loss_and_grads(False)
+    assert calls == []
+    shared, grads = loss_and_grads(True)
+    assert calls == [33]
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4)
+    # validation (no gradients) takes the same path
+    assert evaluate_loss(CausalLMLoss(model), examples, 5, 0, "cpu") == pytest.approx(float(separate), abs=1e-5)
+    assert calls == [33, 33]
+
+
+def test_a_prefix_is_shared_only_where_it_is_exact_and_pays():
+    from lorakit.prefix import shared_length
+
+    batch = collate(_prefixed_rows(33, rows=6), 0)
+    assert shared_length(**batch) == 33
+    assert shared_length(**collate(_prefixed_rows(20), 0)) == 0  # 4 × 20 tokens saved: not worth a pass of its own
+    labels = batch["labels"].clone()
+    labels[2, 30] = 5  # one row trains on a token inside the prefix: the position before it is not shared
+    assert shared_length(batch["input_ids"], batch["attention_mask"], labels) == 29
+    ids = batch["input_ids"].clone()
+    ids[4, 31] = 6  # one row differs at 31
+    assert shared_length(ids, batch["attention_mask"], batch["labels"]) == 31
+    short = collate(_prefixed_rows(33, rows=6) + [{"input_ids": list(range(3, 40)), "labels": [-100] * 37}], 0)
+    assert shared_length(**short) == 0  # a row that shares nothing

@@ -29,9 +29,11 @@ def test_live_tensor_bytes_counts_live_storages_once():
     assert counter.peak == 8000 and counter.current == 2000 and c.numel() == 250
 
 
-@pytest.mark.parametrize("setting", ["lora", "checkpointing", "full", "qlora", "qlora-bfloat16"])
+@pytest.mark.parametrize("setting", ["lora", "checkpointing", "full", "qlora", "qlora-bfloat16", "shared-prefix"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, tiny_model_dir, setting):
     raw = tiny_config(tmp_path, tiny_model_dir)
+    if setting == "shared-prefix":  # 46 leading tokens in every row, computed once per batch (lorakit.prefix)
+        raw["data"].update(prompt_template="Add the two digits below and write their sum.\n{question}", max_length=96)
     if setting in ("checkpointing", "qlora"):
         raw["model"]["gradient_checkpointing"] = True
     if setting == "qlora":  # loading passes through full precision: not counted as training memory
