@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import lorakit.loss as loss_module
 from conftest import tiny_config
 from lorakit.cli import app
 from lorakit.config import validate_config
@@ -61,10 +62,19 @@ def _close(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
-    """One process, batch 4, accumulation 2: what 2 processes of batch 4 must reproduce."""
+    """One process, batch 4, accumulation 2: what 2 processes of batch 4 must reproduce.
+
+    Every row starts with the same 46 tokens, which one process and DDP compute once per
+    batch and FSDP in every row (lorakit.prefix): the runs must agree all the same."""
     tmp = tmp_path_factory.mktemp("one")
     raw = tiny_config(tmp, tiny_model_dir, max_steps=12, batch_size=4, grad_accum=2, save_every=4)
-    train(validate_config(raw, "test"))
+    raw["data"].update(prompt_template="Add the two digits below and write their sum.\n{question}", max_length=96)
+    shared = []
+    with pytest.MonkeyPatch.context() as patch:
+        once = loss_module.hidden_after_prefix
+        patch.setattr(loss_module, "hidden_after_prefix", lambda *a: shared.append(a[-1]) or once(*a))
+        train(validate_config(raw, "test"))
+    assert len(shared) >= 24 and min(shared) >= 46  # every micro-batch shared its prefix
     return raw, tmp / "run"
 
 
