@@ -86,6 +86,7 @@ class MemoryEstimate:
     activations: int  # saved for backward, plus the pass's transient peak
     activations_checkpointed: int  # the same with gradient checkpointing
     checkpointing: bool  # what the config asks for
+    shared_prefix: int  # leading tokens of the heaviest batch computed once (without checkpointing)
     trainable_params: int
     total_params: int
 
@@ -138,7 +139,7 @@ def _activation_peak(model: torch.nn.Module, batch_size: int, length: int, train
         if loss_model.sparse:
             # as the training loss computes it (lorakit.loss): the shared prefix once, then only
             # labelled positions through the head (here, the first ones)
-            hidden = loss_model.hidden(ids, mask, start=shared if loss_model.may_share(mask) else 0).flatten(0, 1)
+            hidden = loss_model.hidden(ids, mask, start=shared).flatten(0, 1)
             trained_rows = min(trained_rows, hidden.shape[0])
             rows = hidden[torch.arange(trained_rows)]
             loss = head_loss(model.get_output_embeddings(), rows, torch.zeros(trained_rows, dtype=torch.long))
@@ -159,7 +160,7 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
         trained_rows: positions per micro-batch that carry a loss (at most
             ``batch_size × (length - 1)``).
         shared: leading tokens every row of the batch has, which training computes once
-            (``lorakit.prefix``) unless the config compiles the model.
+            (``lorakit.prefix``) where the model and config allow.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -179,10 +180,11 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
         for param in model.parameters():
             if param.requires_grad:  # gradients are counted apart: keep only their transient
                 param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-        activations = _activation_peak(model, batch_size, length, rows, autocast,
-                                       0 if cfg.training.compile else shared)
+        if cfg.training.compile or not CausalLMLoss(model).may_share(torch.ones(batch_size, length)):
+            shared = 0
+        activations = _activation_peak(model, batch_size, length, rows, autocast, shared)
         enable_checkpointing(model)
-        checkpointed = _activation_peak(model, batch_size, length, rows, autocast, 0)  # no sharing
+        checkpointed = _activation_peak(model, batch_size, length, rows, autocast, 0)  # never shares
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     return MemoryEstimate(
@@ -193,6 +195,7 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
         activations=activations,
         activations_checkpointed=checkpointed,
         checkpointing=cfg.model.gradient_checkpointing,
+        shared_prefix=shared,
         trainable_params=sum(p.numel() for p in trainable),
         total_params=sum(p.numel() for p in model.parameters()),
     )

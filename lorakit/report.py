@@ -234,7 +234,8 @@ def plan_tables(plan, cfg, processes: int, measured: tuple[int, int] | None = No
         table.add_row(key, value)
     console.print(table)
     rows_per_batch = t.batch_size * (2 if t.objective != "sft" else 1)
-    memory = Table(title=f"memory per process, heaviest micro-batch {rows_per_batch} × {plan.longest} tokens")
+    shared = f" (shared prefix: {m.shared_prefix})" if m.shared_prefix else ""  # computed once, lorakit.prefix
+    memory = Table(title=f"memory per process, heaviest micro-batch {rows_per_batch} × {plan.longest} tokens{shared}")
     memory.add_column("part")
     for on in (False, True):
         mark = " (configured)" if on == m.checkpointing else ""

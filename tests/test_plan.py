@@ -1,5 +1,7 @@
 """lorakit plan: the memory estimate against measured peaks, the run's numbers, the command."""
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -44,6 +46,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, tiny_model
         raw["method"] = "full"
     cfg = Config(**raw)
     estimate = make_plan(cfg).memory
+    assert (estimate.shared_prefix >= 46) == (setting == "shared-prefix")  # the others share too little to pay
     measured = measure_peak(cfg, 2)
     assert 0.85 < estimate.total() / measured < 1.15, (estimate, measured)
 
@@ -88,6 +91,10 @@ def test_plan_command_prints_estimate_and_measurement(tmp_path, tiny_model_dir):
                  "estimated peak", "measured peak", "estimate/measured"):
         assert text in result.output
     assert not (tmp_path / "run").exists()  # measuring writes nothing into the run's output_dir
+    shared = runner.invoke(app, ["plan", str(path), "--set", "data.max_length=96", "--set",
+                                 "data.prompt_template=Add the two digits below and write their sum.\\n{question}"])
+    assert shared.exit_code == 0, shared.output
+    assert re.search(r"× \d+ tokens \(shared prefix: 4[67]\)", shared.output)
     bad = runner.invoke(app, ["plan", str(path), "--set", "training.batch_size=0"])
     assert bad.exit_code == 2 and "training.batch_size" in bad.output
     (tmp_path / "odd.jsonl").write_text('{"text": "no question field"}\n')
