@@ -14,18 +14,21 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapter_io import CONFIG_NAME, load_adapter, read_adapter
+from lorakit.adapter_io import load_adapter, read_adapter
 from lorakit.config import DataConfig, ModelConfig, read_saved_config
-from lorakit.data import encode, labelled_targets, load_rows, preference_response, render, row_field, tokenize_many
+from lorakit.data import encode, labelled_targets, tokenize_many
 from lorakit.errors import EvalError
 from lorakit.files import atomic_file, check_inputs_survive, record_written
 from lorakit.generation import greedy, stop_ids
-from lorakit.inputs import check_unicode, missing_path, template_fields
 from lorakit.inject import lora_modules, remove_lora
+from lorakit.inputs import check_unicode, missing_path, template_fields
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.metrics import GENERATION_METRICS, METRICS, score
 from lorakit.model import adapter_base_config, load_model, load_model_config, load_tokenizer
+from lorakit.peft_config import CONFIG_NAME
 from lorakit.preflight import context_length
+from lorakit.render import preference_response, render
+from lorakit.rows import load_rows, row_field
 
 logger = logging.getLogger("lorakit")
 PREDICTIONS_FILE, METRICS_FILE = "predictions.jsonl", "metrics.json"  # what eval writes into --output

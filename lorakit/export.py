@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorakit.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, adapter_problems, read_adapter
+from lorakit.adapter_io import PREFIX, WEIGHTS_NAME, Adapter, adapter_problems, read_adapter
 from lorakit.config import DEFAULT_MODEL, read_saved_config
 from lorakit.errors import InputError, LoraError
 from lorakit.files import MANIFEST, atomic_directory, check_output_dir
 from lorakit.inject import pattern_value, plan_injection
 from lorakit.lora import scaling
+from lorakit.peft_config import CONFIG_NAME
 
 TARGETS = ("gguf", "ollama", "vllm", "sglang", "merged")
 # The projections vLLM and SGLang adapt in decoder models (attention and MLP); both refuse

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from lorakit.data import length_batches
+from lorakit.batching import length_batches
 from lorakit.prefix import cache_keyword, expanded, fits_window, takes_positions
 
 logger = logging.getLogger("lorakit")

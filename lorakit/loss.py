@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data import IGNORE, collate, length_batches
+from lorakit.batching import collate, length_batches
+from lorakit.data import IGNORE
 from lorakit.lora import is_bare_linear
 from lorakit.prefix import cache_keyword, fits_window, hidden_after_prefix, shared_length, takes_positions
 

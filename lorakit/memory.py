@@ -209,7 +209,7 @@ def measure_peak(cfg: Config, steps: int) -> int:
     Counting starts at the first forward pass: loading (a 4-bit base passes through
     full precision) is not training memory.
     """
-    from lorakit.data import heaviest_batch_first
+    from lorakit.batching import heaviest_batch_first
     from lorakit.train import train
 
     cuda = torch.cuda.is_available()

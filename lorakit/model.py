@@ -290,7 +290,7 @@ def adapter_base_config(adapter_dir: Path, base: str | None = None, trust_remote
     Remote code runs only when the caller asks (``trust_remote_code``, from the user's
     own command line): a downloaded adapter's files never switch it on.
     """
-    from lorakit.adapter_io import read_adapter_config
+    from lorakit.peft_config import read_adapter_config
 
     saved = read_saved_config(adapter_dir)
     if saved and saved.model.trust_remote_code and not trust_remote_code:

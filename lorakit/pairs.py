@@ -12,10 +12,12 @@ import logging
 
 import torch
 
+from lorakit.batching import collate
 from lorakit.config import DataConfig
-from lorakit.data import (IGNORE, answer_warnings, blank_answer, collate, load_rows, render_preference, special_tokens,
-                          special_token_in, tokenize)
+from lorakit.data import IGNORE, answer_warnings, tokenize
 from lorakit.errors import DataError
+from lorakit.render import blank_answer, render_preference, special_token_in, special_tokens
+from lorakit.rows import load_rows
 
 logger = logging.getLogger("lorakit")
 

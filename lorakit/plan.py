@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.adapter_io import with_init_from
+from lorakit.batching import collate, epoch_steps, pack, total_steps
 from lorakit.config import Config
-from lorakit.data import build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
+from lorakit.data import build_examples, labelled_targets
 from lorakit.memory import MemoryEstimate, estimate_memory
 from lorakit.model import load_tokenizer
 from lorakit.pairs import build_pairs
+from lorakit.peft_config import with_init_from
 from lorakit.prefix import shared_length
 from lorakit.preflight import preflight
 

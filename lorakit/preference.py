@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.batching import length_batches
 from lorakit.config import Config
-from lorakit.data import IGNORE, length_batches
+from lorakit.data import IGNORE
 from lorakit.loss import supports_sparse_head
 
 # The per-pair statistics a step sums over its micro-batches and processes, in this order.

@@ -33,11 +33,19 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from lorakit import report
 from lorakit.activation_memory import keep_less
+from lorakit.adapter_io import load_adapter, save_adapter
 from lorakit.attention import use_fast_backward
-from lorakit.adapter_io import load_adapter, save_adapter, with_init_from
-from lorakit.checkpoint import capture_rng, check_deletable, list_checkpoints, load_checkpoint, newest_intact, save_checkpoint
+from lorakit.batching import BatchOrder, collate, epoch_steps, pack, total_steps
+from lorakit.checkpoint import (
+    capture_rng,
+    check_deletable,
+    list_checkpoints,
+    load_checkpoint,
+    newest_intact,
+    save_checkpoint,
+)
 from lorakit.config import SAVED_CONFIG, Config, TrainingConfig, saved_config_dict
-from lorakit.data import BatchOrder, build_examples, collate, epoch_steps, labelled_targets, pack, total_steps
+from lorakit.data import build_examples, labelled_targets
 from lorakit.errors import DataError, InputError, TrainingError, TrainingInterrupted
 from lorakit.files import atomic_directory, check_inputs_survive, check_replaceable
 from lorakit.inject import add_lora, count_parameters, lora_modules
@@ -45,6 +53,7 @@ from lorakit.launch import die_with_parent
 from lorakit.loss import CausalLMLoss, evaluate_loss
 from lorakit.model import DTYPE_NAMES, compile_blocks, load_model, load_tokenizer, resolve_dtype
 from lorakit.pairs import build_pairs, collate_pairs, pair_length, pair_tokens, precompute_reference
+from lorakit.peft_config import with_init_from
 from lorakit.preference import STATS, PreferenceLoss, evaluate_pairs, summarize
 from lorakit.preflight import preflight
 from lorakit.schedule import lr_scheduler

@@ -48,8 +48,8 @@ def trl_child(steps: int) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lorakit.data import load_rows
     from lorakit.model import DTYPE_NAMES, load_model, load_tokenizer, resolve_dtype
+    from lorakit.rows import load_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(steps, f"{tmp}/run")

@@ -19,13 +19,15 @@ import transformers
 from llama_cpp import Llama
 
 from lorakit.adapter_io import load_adapter
-from lorakit.data import encode, load_rows, render
+from lorakit.data import encode
 from lorakit.evaluation import prompt_of, resolve_target
 from lorakit.export import base_gguf_file
 from lorakit.files import atomic_file
 from lorakit.generation import greedy, stop_ids
 from lorakit.gguf_export import tokenizer_metadata, write_model
 from lorakit.model import cache_dir, load_model, load_tokenizer
+from lorakit.render import render
+from lorakit.rows import load_rows
 
 F32 = 0  # GGML_TYPE_F32
 

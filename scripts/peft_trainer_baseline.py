@@ -18,7 +18,8 @@ import torch
 
 def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
     """Token-weighted mean loss, computed the same way for both engines."""
-    from lorakit.data import IGNORE, collate
+    from lorakit.batching import collate
+    from lorakit.data import IGNORE
 
     model.eval()
     total = count = 0.0
@@ -36,7 +37,8 @@ def run_baseline(cfg) -> dict:
     import peft
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from lorakit.data import build_examples, collate
+    from lorakit.batching import collate
+    from lorakit.data import build_examples
     from lorakit.inject import find_targets
     from lorakit.model import load_model, load_tokenizer
 

@@ -6,7 +6,9 @@ import pytest
 
 from conftest import byte_tokenizer, write_jsonl
 from lorakit.config import DataConfig
-from lorakit.data import IGNORE, DataError, build_examples, collate, epoch_order, render, tokenize
+from lorakit.batching import collate, epoch_order
+from lorakit.data import IGNORE, DataError, build_examples, tokenize
+from lorakit.render import render
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_epoch_order_is_a_seeded_permutation():
 def test_length_grouping_keeps_every_example_and_cuts_padding():
     import random
 
-    from lorakit.data import BatchOrder
+    from lorakit.batching import BatchOrder
 
     lengths = [random.Random(i).randint(5, 300) for i in range(1000)]
     plain, grouped = BatchOrder(lengths, 8, 1, 0, False), BatchOrder(lengths, 8, 1, 0, True)
@@ -163,7 +165,7 @@ def test_length_grouping_keeps_every_example_and_cuts_padding():
 
 
 def test_two_processes_see_what_one_sees_with_accumulation():
-    from lorakit.data import BatchOrder
+    from lorakit.batching import BatchOrder
 
     lengths = list(range(10, 74))
     one, two = BatchOrder(lengths, 4, 1, 3, True), BatchOrder(lengths, 4, 2, 3, True)
@@ -175,7 +177,7 @@ def test_packed_loss_equals_padded_loss():
     import torch
 
     from conftest import build
-    from lorakit.data import pack
+    from lorakit.batching import pack
     from lorakit.loss import CausalLMLoss
 
     gen = torch.Generator().manual_seed(0)
@@ -200,7 +202,7 @@ def test_packed_loss_equals_padded_loss():
 def test_json_numbers_keep_the_text_the_file_wrote(tmp_path, name):
     """A number in a data row is text to train on: 1.10 must not become 1.1, nor 1e5
     100000.0; true stays true (not Python's True)."""
-    from lorakit.data import load_rows, row_field
+    from lorakit.rows import load_rows, row_field
 
     rows = ['{"v": 1.10, "w": 1e5, "x": 3.14159265358979323846, "y": 7.50, "z": -0}',
             '{"v": 12345678901234567890, "w": 2, "x": 0.1, "y": 1E-3, "z": true}']
@@ -282,7 +284,7 @@ def test_empty_answers_are_warned_about(tok, tmp_path, caplog):
 def test_json_lines_end_only_at_line_breaks(tmp_path):
     """U+2028 and U+0085 may stand unescaped inside JSON strings (str.splitlines would cut
     the row there); \\r\\n and a lone \\r end lines as \\n does."""
-    from lorakit.data import load_rows
+    from lorakit.rows import load_rows
 
     rows = [{"q": "a\u2028b\u0085c", "a": "1"}, {"q": "x", "a": "2"}, {"q": "y", "a": "3"}]
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]

@@ -9,7 +9,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import arithmetic_rows, tiny_config, write_jsonl
+from conftest import tiny_config, write_jsonl
 from lorakit.cli import app
 from lorakit.config import SAVED_CONFIG, validate_config
 from lorakit.evaluation import EvalError, Switcher, generation_prompt, resolve_target, run_eval

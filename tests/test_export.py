@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 
 from conftest import BUILDERS, randomize_lora
 from lorakit import LoraConfig, add_lora, save_adapter
-from lorakit.adapter_io import load_adapter
 from lorakit.cli import app
 from lorakit.gguf_export import tokenizer_metadata, write_model
 

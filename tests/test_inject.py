@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHS, build, logits, randomize_lora
+from conftest import build, logits, randomize_lora
 from lorakit import (
     LoraConfig,
     LoraError,

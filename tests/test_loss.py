@@ -7,7 +7,7 @@ import lorakit.loss as loss_module
 from conftest import build
 from lorakit import LoraConfig, add_lora
 from lorakit.inject import lora_modules
-from lorakit.data import collate, length_batches
+from lorakit.batching import collate, length_batches
 from lorakit.loss import CausalLMLoss, evaluate_loss, head_loss, supports_sparse_head
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import build, logits, randomize_lora, tiny_config
 from lorakit import LoraConfig, add_lora, load_adapter, save_adapter, unload_lora
-from lorakit.adapter_io import _IMPLEMENTED, _METADATA, _NOT_IMPLEMENTED
+from lorakit.peft_config import _IMPLEMENTED, _METADATA, _NOT_IMPLEMENTED
 from lorakit.cli import app
 from lorakit.config import validate_config
 from lorakit.errors import TrainingInterrupted
