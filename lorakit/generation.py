@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from lorakit.batching import length_batches
-from lorakit.prefix import cache_keyword, expanded, fits_window, takes_positions
+from lorakit.prefix import cache_keyword, computed_alike, expanded, takes_positions
 
 logger = logging.getLogger("lorakit")
 
@@ -68,8 +68,9 @@ def _stepper(model) -> tuple[Callable[..., torch.Tensor], bool]:
 
 def _shared_prefix(prompts: list[list[int]], config, max_new_tokens: int) -> int:
     """Tokens every prompt starts with, leaving each at least one of its own (its last
-    position gives its first token). None under a sliding window the rows may outgrow."""
-    if len(prompts) < 2 or not fits_window(config, max(map(len, prompts)) + max_new_tokens):
+    position gives its first token). None where computing them apart could change them
+    (``computed_alike``)."""
+    if len(prompts) < 2 or not computed_alike(config, max(map(len, prompts)) + max_new_tokens):
         return 0
     return min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
 

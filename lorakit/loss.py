@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.batching import collate, length_batches
 from lorakit.data import IGNORE
 from lorakit.lora import is_bare_linear
-from lorakit.prefix import cache_keyword, fits_window, hidden_after_prefix, shared_length, takes_positions
+from lorakit.prefix import cache_keyword, computed_alike, hidden_after_prefix, shared_length, takes_positions
 
 # Config attributes of heads that do more than a matmul (soft-capping, scaling):
 # those models keep transformers' own loss.
@@ -176,14 +176,14 @@ class CausalLMLoss(nn.Module):
 
     def may_share(self, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> bool:
         """Whether a batch's shared leading tokens may be computed once: not for packed rows,
-        under activation checkpointing (recomputed blocks would append to the cache twice)
-        or a sliding window the rows could outgrow."""
+        under activation checkpointing (recomputed blocks would append to the cache twice),
+        nor where the prefix would come out otherwise alone (``computed_alike``)."""
         # transformers >= 5 renamed is_gradient_checkpointing (and warns on the old name)
         checkpointing = getattr(self.model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
         return (self.prefix_keyword is not None and position_ids is None and attention_mask.dim() == 2
-                and not checkpointing and fits_window(self.model.config, attention_mask.shape[1]))
+                and not checkpointing and computed_alike(self.model.config, attention_mask.shape[1]))
 
 
 @torch.no_grad()

@@ -39,11 +39,18 @@ def takes_positions(module: nn.Module) -> bool:
     return "position_ids" in inspect.signature(module.forward).parameters
 
 
-def fits_window(config, tokens: int) -> bool:
-    """False when a sliding attention window could drop cache slots: the window counts
-    slots, and padding after a shared prefix would push real tokens out of it."""
+def computed_alike(config, tokens: int) -> bool:
+    """Whether leading tokens computed apart, in a shorter call, come out as they would in
+    rows of ``tokens`` tokens. Not under a sliding window the rows could outgrow (it counts
+    cache slots, and padding after the prefix would push real tokens out of it), nor under
+    RoPE whose frequencies follow the call's longest position (dynamic NTK, LongRoPE)."""
     window = getattr(config, "sliding_window", None)
-    return not isinstance(window, int) or tokens <= window
+    if isinstance(window, int) and tokens > window:
+        return False
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    per_layer = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    kinds = {str(p.get("rope_type") or p.get("type")) for p in per_layer if isinstance(p, dict)}
+    return not kinds & {"dynamic", "longrope"}
 
 
 def expanded(cache: DynamicCache, rows: int) -> DynamicCache:

@@ -215,3 +215,29 @@ def test_a_prefix_is_shared_only_where_it_is_exact_and_pays():
     assert shared_length(ids, batch["attention_mask"], batch["labels"]) == 31
     short = collate(_prefixed_rows(33, rows=6) + [{"input_ids": list(range(3, 40)), "labels": [-100] * 37}], 0)
     assert shared_length(**short) == 0  # a row that shares nothing
+
+
+def test_no_prefix_is_shared_where_computing_it_apart_could_change_it():
+    """RoPE that picks its frequencies from the call's longest position (dynamic NTK,
+    LongRoPE) would give a short prefix pass other keys; a sliding window counts cache slots."""
+    from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
+
+    from lorakit.generation import _shared_prefix
+    from lorakit.prefix import computed_alike
+
+    mask = torch.ones(5, 60, dtype=torch.long)
+    assert CausalLMLoss(build("llama")).may_share(mask)
+    dynamic = build("llama")
+    dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not CausalLMLoss(dynamic).may_share(mask)
+    assert not computed_alike(LlamaConfig(rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 32,
+                                                           "long_factor": [2.0] * 32, "rope_theta": 1e4,
+                                                           "original_max_position_embeddings": 1024}), 10)
+    assert computed_alike(LlamaConfig(), 10)
+    windowed = MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=64, vocab_size=128,
+                                                sliding_window=48))
+    assert CausalLMLoss(windowed).may_share(mask[:, :48]) and not CausalLMLoss(windowed).may_share(mask)
+    prompts = [[5] * 30 + [6], [5] * 30 + [7, 8]]
+    assert _shared_prefix(prompts, LlamaConfig(), 8) == 30
+    assert _shared_prefix(prompts, dynamic.config, 8) == 0
