@@ -128,14 +128,14 @@ def _optimizer_bytes(trainable: list[torch.nn.Parameter], optimizer: str) -> int
     return 2 * n + 2 * 4 * (n // 256 + 1)  # 8-bit states with a float32 absmax per 256
 
 
-def _activation_peak(model: torch.nn.Module, batch_size: int, length: int, trained_rows: int,
+def _activation_peak(loss_model: CausalLMLoss, batch_size: int, length: int, trained_rows: int,
                      autocast: torch.dtype | None, shared: int) -> int:
     """Peak bytes of one forward and backward pass, beyond the weights it reads."""
+    model = loss_model.model
     ids = torch.zeros(batch_size, length, dtype=torch.long)
     mask = torch.ones(batch_size, length, dtype=torch.long)
     counter = LiveTensorBytes()
     with counter, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        loss_model = CausalLMLoss(model)
         if loss_model.sparse:
             # as the training loss computes it (lorakit.loss): the shared prefix once, then only
             # labelled positions through the head (here, the first ones)
@@ -180,11 +180,12 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
         for param in model.parameters():
             if param.requires_grad:  # gradients are counted apart: keep only their transient
                 param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-        if cfg.training.compile or not CausalLMLoss(model).may_share(torch.ones(batch_size, length)):
+        loss_model = CausalLMLoss(model)
+        if cfg.training.compile or not loss_model.may_share(torch.ones(batch_size, length)):
             shared = 0
-        activations = _activation_peak(model, batch_size, length, rows, autocast, shared)
+        activations = _activation_peak(loss_model, batch_size, length, rows, autocast, shared)
         enable_checkpointing(model)
-        checkpointed = _activation_peak(model, batch_size, length, rows, autocast, 0)  # never shares
+        checkpointed = _activation_peak(loss_model, batch_size, length, rows, autocast, 0)  # never shares
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     return MemoryEstimate(
