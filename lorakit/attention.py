@@ -37,9 +37,8 @@ class _Attention(torch.autograd.Function):
         length, keys = q.shape[-2], k.shape[-2]
         delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # rowsum(P ∘ dP), as flash attention does
         dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         block = max(1, _BLOCK_BYTES // (4 * q.shape[0] * q.shape[1] * keys))
+        dk = dv = None  # float32 sums over the blocks
         for start in range(0, length, block):
             rows = slice(start, min(start + block, length))
             scores = torch.matmul(q[..., rows, :], k.transpose(-1, -2)).float().mul_(ctx.scale)
@@ -56,11 +55,15 @@ class _Attention(torch.autograd.Function):
             if ctx.empty_rows:
                 probs.nan_to_num_(0.0)
             g = grad[..., rows, :]
-            dv += torch.matmul(probs.to(q.dtype).transpose(-1, -2), g)
+            dv_part = torch.matmul(probs.to(q.dtype).transpose(-1, -2), g)
             dprobs = torch.matmul(g, v.transpose(-1, -2)).float()
             dscores = probs.mul_(dprobs.sub_(delta[..., rows, :])).mul_(ctx.scale).to(q.dtype)
             dq[..., rows, :] = torch.matmul(dscores, k)
-            dk += torch.matmul(dscores.transpose(-1, -2), q[..., rows, :])
+            dk_part = torch.matmul(dscores.transpose(-1, -2), q[..., rows, :])
+            if block >= length:  # one block: its matmuls' results are the sums, with no float32 round trip
+                return dq, dk_part, dv_part, None, None, None
+            dk = dk_part.float() if dk is None else dk.add_(dk_part)
+            dv = dv_part.float() if dv is None else dv.add_(dv_part)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 

@@ -6,7 +6,8 @@
 - ``SharedInput``: sibling projections (q/k/v, gate/up) share one dropout mask and one
   matmul against their stacked A factors while training.
 - ``dropout`` and ``dropped_down``: the adapter's input dropout with a cheaper random mask
-  on the CPU, redrawn from its seed in backward instead of kept.
+  on the CPU; backward gets the dropped positions (or, at high rates, the mask's seed), not
+  a mask or a dropped copy of the input.
 - bitsandbytes 4-bit weights: detection, dequantization, and undoing the CPU repacking.
 """
 
@@ -104,18 +105,30 @@ class SharedInput:
 _FEW_DROPS = 0.15  # up to this rate, drawing where the drops fall is cheaper than a draw per element
 
 
+def _drops(n: int, p: float, seed: int) -> torch.Tensor:
+    """The flat indices of the dropped elements among ``n``, each dropped independently
+    with probability ``p``: the gaps between drops are geometric, so one draw per dropped
+    element (``p`` honoured to a double's precision). The same for the same ``seed``."""
+    rng = np.random.Generator(np.random.SFC64(seed))
+    parts, last = [], -1  # last: where the previous drop fell
+    while True:
+        drops = np.cumsum(rng.geometric(p, size=int(n * p * 1.05) + 64)) + last
+        inside = int(np.searchsorted(drops, n))
+        parts.append(drops[:inside])
+        if inside < len(drops):
+            return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        last = int(drops[-1])
+
+
 def _keep_mask(like: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     """A CPU keep-mask of ones and zeros in ``like``'s shape and dtype, for dropout at rate
     ``p``; the same for the same ``seed``.
 
     The random numbers are most of dropout's cost on a CPU, so they come from numpy's
-    SFC64 (3× torch's CPU generator here), and as few as possible. At the usual small
-    rates only the drops are drawn: the gaps between them are geometric, one draw per
-    dropped element (2× faster at p = 0.05), and ``p`` is honoured to a double's
-    precision. Above ``_FEW_DROPS``, 32-bit draws per element are compared with
-    ``p·2³²`` (``p`` honoured to 2⁻³³). Either way each element is dropped independently
-    with probability ``p``. The mask is written in ``like``'s dtype: a bool mask would be
-    converted at every use.
+    SFC64 (3× torch's CPU generator here), and as few as possible: up to ``_FEW_DROPS``
+    only the drops are drawn (``_drops``); above it, 32-bit draws per element are compared
+    with ``p·2³²`` (``p`` honoured to 2⁻³³). The mask is written in ``like``'s dtype: a bool
+    mask would be converted at every use.
     """
     if seed is None:  # a memory estimate (lorakit plan) traces shapes, with no data to draw
         return torch.empty_like(like)
@@ -124,16 +137,7 @@ def _keep_mask(like: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
         draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
         return torch.ge(draws.view(like.shape), round(p * 2**32) - 2**31,
                         out=torch.empty(like.shape, dtype=like.dtype))
-    rng = np.random.Generator(np.random.SFC64(seed))
-    keep = torch.ones(n, dtype=like.dtype)
-    last = -1  # where the previous drop fell
-    while True:
-        drops = np.cumsum(rng.geometric(p, size=int(n * p * 1.05) + 64)) + last
-        inside = int(np.searchsorted(drops, n))
-        keep.index_fill_(0, torch.from_numpy(drops[:inside]), 0)
-        if inside < len(drops):
-            return keep.view(like.shape)
-        last = int(drops[-1])
+    return torch.ones(n, dtype=like.dtype).index_fill_(0, _drops(n, p, seed), 0).view(like.shape)
 
 
 def _new_seed(like: torch.Tensor) -> int | None:
@@ -142,22 +146,55 @@ def _new_seed(like: torch.Tensor) -> int | None:
     return None if is_fake(like) else int(torch.randint(0, 2**63 - 1, ()))
 
 
+class _Draw:
+    """One dropout mask, for forward and backward alike: the dropped positions at rates up
+    to ``_FEW_DROPS`` (kept for backward as a tensor, 4 bytes a drop: a fifth of a byte per
+    element at p = 0.05, so backward neither draws again nor builds a mask; the draws are
+    most of dropout's cost), else the seed the mask is redrawn from."""
+
+    def __init__(self, p: float, seed: int | None, drops: torch.Tensor | None) -> None:
+        self.p, self.seed, self.drops = p, seed, drops
+
+    @classmethod
+    def new(cls, like: torch.Tensor, p: float) -> _Draw:
+        seed, drops = _new_seed(like), None
+        if p <= _FEW_DROPS:
+            drops = (torch.empty(round(like.numel() * p), dtype=torch.int32) if seed is None
+                     else _drops(like.numel(), p, seed).to(torch.int32))
+        return cls(p, seed, drops)
+
+    def dropped(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with the dropped elements zeroed: ``t`` itself, changed in place, if it is
+        contiguous (pass a fresh tensor), else a contiguous copy."""
+        t = t.contiguous()
+        if self.drops is None:
+            return t.mul_(_keep_mask(t, self.p, self.seed))
+        return t.view(-1).index_fill_(0, self.drops.long(), 0).view(t.shape)
+
+
 def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
     # Elsewhere, and under the compiler (which has its own RNG), F.dropout is as fast.
     return x.device.type == "cpu" and p < 1 and not torch.compiler.is_compiling()
 
 
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class _Dropout(torch.autograd.Function):
-    """Inverted dropout that keeps only its mask's seed for backward."""
+    """Inverted dropout that keeps only its draw (the dropped positions, or a seed) for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        ctx.seed, ctx.p = _new_seed(x), p
-        return x * _keep_mask(x, p, ctx.seed) * (1 / (1 - p))
+        draw = _Draw.new(x, p)
+        ctx.save_for_backward(draw.drops)
+        ctx.p, ctx.seed = p, draw.seed
+        return draw.dropped(_fresh(x)).mul_(1 / (1 - p))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * _keep_mask(grad, ctx.p, ctx.seed) * (1 / (1 - ctx.p)), None
+        draw = _Draw(ctx.p, ctx.seed, *ctx.saved_tensors)
+        return draw.dropped(_fresh(grad)).mul_(1 / (1 - ctx.p)), None
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -168,24 +205,24 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class _DroppedDown(torch.autograd.Function):
-    """``dropout(x)·Aᵀ`` that keeps ``x`` and the mask's seed for backward, not the dropped
-    input and its mask: one byte less per input element held through the step (a quarter
-    of a gigabyte on the quickstart), for drawing each mask twice."""
+    """``dropout(x)·Aᵀ`` that keeps ``x`` and the draw for backward, not the dropped input
+    and a mask: at p = 0.05, a fifth of a byte per input element held through the step
+    instead of a byte or more (a quarter of a gigabyte on the quickstart)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
-        seed = _new_seed(x)
+        draw = _Draw.new(x, p)
         scaled = A * (1 / (1 - p))  # the inverted-dropout scale on the r×d_in factor, not on x
-        ctx.save_for_backward(x, scaled)
-        ctx.seed, ctx.p = seed, p
-        return F.linear(x * _keep_mask(x, p, seed), scaled)
+        ctx.save_for_backward(x, scaled, draw.drops)
+        ctx.p, ctx.seed = p, draw.seed
+        return F.linear(draw.dropped(_fresh(x)), scaled)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, scaled = ctx.saved_tensors
-        keep = _keep_mask(x, ctx.p, ctx.seed)
-        grad_x = (grad @ scaled) * keep if ctx.needs_input_grad[0] else None
-        grad_A = (grad * (1 / (1 - ctx.p))).t() @ (x * keep) if ctx.needs_input_grad[1] else None
+        x, scaled, drops = ctx.saved_tensors
+        draw = _Draw(ctx.p, ctx.seed, drops)
+        grad_x = draw.dropped(grad @ scaled) if ctx.needs_input_grad[0] else None
+        grad_A = (grad * (1 / (1 - ctx.p))).t() @ draw.dropped(_fresh(x)) if ctx.needs_input_grad[1] else None
         return grad_x, grad_A, None
 
 

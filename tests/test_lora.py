@@ -169,7 +169,7 @@ def test_dropout_zero_never_calls_dropout(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("dropout called")
 
-    monkeypatch.setattr(lorakit.fastpath, "_keep_mask", boom)
+    monkeypatch.setattr(lorakit.fastpath._Draw, "new", boom)
     layer = _layer(dropout=0.0).train()
     layer(torch.randn(2, 16))  # no call
     with pytest.raises(AssertionError, match="dropout called"):
@@ -245,8 +245,9 @@ def test_dropout_drops_each_element_independently(p):
     assert torch.equal(keep, _keep_mask(torch.empty(n), p, seed=7))  # the seed fixes the mask
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])  # the drops kept for backward; the seed redrawn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropped_down_is_dropout_then_down_projection(dtype):
+def test_dropped_down_is_dropout_then_down_projection(dtype, p):
     """Forward and both gradients equal ``dropout(x)·Aᵀ`` through autograd with the same mask."""
     from lorakit.fastpath import dropout, dropped_down
 
@@ -254,12 +255,12 @@ def test_dropped_down_is_dropout_then_down_projection(dtype):
     A = torch.randn(6, 48, dtype=dtype, requires_grad=True)
     grad = torch.randn(64, 6, dtype=dtype)
     torch.manual_seed(3)
-    out = dropped_down(x, A, 0.3)
+    out = dropped_down(x, A, p)
     out.backward(grad)
     got = (out.detach(), x.grad.clone(), A.grad.clone())
     x.grad = A.grad = None
     torch.manual_seed(3)  # the same seed draws the same mask
-    expected = dropout(x, 0.3) @ A.t()
+    expected = dropout(x, p) @ A.t()
     expected.backward(grad)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
     for a, b in zip(got, (expected.detach(), x.grad, A.grad)):
@@ -267,16 +268,27 @@ def test_dropped_down_is_dropout_then_down_projection(dtype):
     assert 0 < (x.grad == 0).float().mean() < 0.6  # dropped inputs get no gradient
 
 
-def test_dropout_keeps_no_mask_for_backward():
-    """Masks are redrawn from their seed in backward: dropout holds nothing, and the adapter's
-    down-projection holds x and its r×d_in factor, not a dropped copy of x and its mask."""
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_keeps_no_mask_for_backward(p):
+    """Neither dropout nor the adapter's down-projection keeps a mask or a dropped copy of x
+    for backward: up to a rate of 0.15 they keep the dropped positions (int32, about p·n of
+    them), above it only the seed the mask is redrawn from."""
     from lorakit.fastpath import dropout, dropped_down
 
     x = torch.randn(256, 64, requires_grad=True)
     A = torch.randn(4, 64, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        dropout(x, 0.1)
-        assert saved == []
-        dropped_down(x, A, 0.1)
-    assert sum(t.numel() for t in saved) == x.numel() + A.numel()
+
+    def saved_by(fn) -> list[torch.Tensor]:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        return [t for t in saved if t is not None]
+
+    def is_drops(t: torch.Tensor) -> bool:
+        return t.dtype == torch.int32 and abs(t.numel() - p * x.numel()) < 6 * (p * x.numel()) ** 0.5
+
+    of_dropout, of_down = saved_by(lambda: dropout(x, p)), saved_by(lambda: dropped_down(x, A, p))
+    assert sum(t.numel() for t in of_down if t.is_floating_point()) == x.numel() + A.numel()
+    expected_drops = 0 if p > 0.15 else 1
+    assert len(of_dropout) == sum(map(is_drops, of_dropout)) == expected_drops
+    assert len(of_down) - 2 == sum(map(is_drops, of_down)) == expected_drops
