@@ -146,6 +146,9 @@ def _new_seed(like: torch.Tensor) -> int | None:
     return None if is_fake(like) else int(torch.randint(0, 2**63 - 1, ()))
 
 
+_INT32_INDICES = 2**31  # positions up to this many elements are kept as int32
+
+
 class _Draw:
     """One dropout mask, for forward and backward alike: the dropped positions at rates up
     to ``_FEW_DROPS`` (kept for backward as a tensor, 4 bytes a drop: a fifth of a byte per
@@ -157,10 +160,10 @@ class _Draw:
 
     @classmethod
     def new(cls, like: torch.Tensor, p: float) -> _Draw:
-        seed, drops = _new_seed(like), None
+        seed, drops, n = _new_seed(like), None, like.numel()
         if p <= _FEW_DROPS:
-            drops = (torch.empty(round(like.numel() * p), dtype=torch.int32) if seed is None
-                     else _drops(like.numel(), p, seed).to(torch.int32))
+            dtype = torch.int32 if n <= _INT32_INDICES else torch.int64
+            drops = torch.empty(round(n * p), dtype=dtype) if seed is None else _drops(n, p, seed).to(dtype)
         return cls(p, seed, drops)
 
     def dropped(self, t: torch.Tensor) -> torch.Tensor:

@@ -292,3 +292,24 @@ def test_dropout_keeps_no_mask_for_backward(p):
     expected_drops = 0 if p > 0.15 else 1
     assert len(of_dropout) == sum(map(is_drops, of_dropout)) == expected_drops
     assert len(of_down) - 2 == sum(map(is_drops, of_down)) == expected_drops
+
+
+def test_dropout_beyond_int32_positions_keeps_int64(monkeypatch):
+    """A tensor too large for int32 positions keeps them as int64 (the limit lowered to test it)."""
+    import lorakit.fastpath
+    from lorakit.fastpath import dropped_down
+
+    monkeypatch.setattr(lorakit.fastpath, "_INT32_INDICES", 100)
+    x = torch.randn(64, 48, requires_grad=True)
+    A = torch.randn(6, 48, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(3)
+        out = dropped_down(x, A, 0.05)
+    assert [t.dtype for t in saved if t is not None and not t.is_floating_point()] == [torch.int64]
+    out.sum().backward()
+    dropped = x.grad == 0
+    assert 0 < dropped.float().mean() < 0.15
+    monkeypatch.setattr(lorakit.fastpath, "_INT32_INDICES", 2**31)
+    torch.manual_seed(3)  # the same draw with int32 positions: the same result
+    assert torch.equal(dropped_down(x, A, 0.05), out)
