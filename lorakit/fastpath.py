@@ -181,6 +181,7 @@ def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
 
 
 def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` that ``_Draw.dropped`` may change in place."""
     return x.clone(memory_format=torch.contiguous_format)
 
 
@@ -209,8 +210,8 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 class _DroppedDown(torch.autograd.Function):
     """``dropout(x)·Aᵀ`` that keeps ``x`` and the draw for backward, not the dropped input
-    and a mask: at p = 0.05, a fifth of a byte per input element held through the step
-    instead of a byte or more (a quarter of a gigabyte on the quickstart)."""
+    and a mask: at p = 0.05, a fifth of a byte per input element held through the step,
+    where a mask would hold a byte (a quarter of a gigabyte on the quickstart)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
