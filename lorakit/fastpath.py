@@ -121,23 +121,19 @@ def _drops(n: int, p: float, seed: int) -> torch.Tensor:
 
 
 def _keep_mask(like: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
-    """A CPU keep-mask of ones and zeros in ``like``'s shape and dtype, for dropout at rate
-    ``p``; the same for the same ``seed``.
+    """A CPU keep-mask of ones and zeros in ``like``'s shape and dtype, for dropout at a
+    rate ``p`` above ``_FEW_DROPS``; the same for the same ``seed``.
 
     The random numbers are most of dropout's cost on a CPU, so they come from numpy's
-    SFC64 (3× torch's CPU generator here), and as few as possible: up to ``_FEW_DROPS``
-    only the drops are drawn (``_drops``); above it, 32-bit draws per element are compared
-    with ``p·2³²`` (``p`` honoured to 2⁻³³). The mask is written in ``like``'s dtype: a bool
+    SFC64 (3× torch's CPU generator here): 32-bit draws per element, compared with
+    ``p·2³²`` (``p`` honoured to 2⁻³³). The mask is written in ``like``'s dtype: a bool
     mask would be converted at every use.
     """
     if seed is None:  # a memory estimate (lorakit plan) traces shapes, with no data to draw
         return torch.empty_like(like)
     n = like.numel()
-    if p > _FEW_DROPS:
-        draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
-        return torch.ge(draws.view(like.shape), round(p * 2**32) - 2**31,
-                        out=torch.empty(like.shape, dtype=like.dtype))
-    return torch.ones(n, dtype=like.dtype).index_fill_(0, _drops(n, p, seed), 0).view(like.shape)
+    draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2)).view(torch.int32)[:n]
+    return torch.ge(draws.view(like.shape), round(p * 2**32) - 2**31, out=torch.empty(like.shape, dtype=like.dtype))
 
 
 def _new_seed(like: torch.Tensor) -> int | None:
@@ -166,23 +162,20 @@ class _Draw:
             drops = torch.empty(round(n * p), dtype=dtype) if seed is None else _drops(n, p, seed).to(dtype)
         return cls(p, seed, drops)
 
-    def dropped(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` with the dropped elements zeroed: ``t`` itself, changed in place, if it is
-        contiguous (pass a fresh tensor), else a contiguous copy."""
-        t = t.contiguous()
+    def dropped(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """``t`` with the dropped elements zeroed; in place when ``fresh`` says ``t`` is the
+        caller's own new tensor (and it is contiguous), else in a copy."""
         if self.drops is None:
-            return t.mul_(_keep_mask(t, self.p, self.seed))
+            keep = _keep_mask(t, self.p, self.seed)
+            return t.mul_(keep) if fresh else t * keep
+        if not (fresh and t.is_contiguous()):
+            t = t.clone(memory_format=torch.contiguous_format)
         return t.view(-1).index_fill_(0, self.drops.long(), 0).view(t.shape)
 
 
 def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
     # Elsewhere, and under the compiler (which has its own RNG), F.dropout is as fast.
     return x.device.type == "cpu" and p < 1 and not torch.compiler.is_compiling()
-
-
-def _fresh(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``x`` that ``_Draw.dropped`` may change in place."""
-    return x.clone(memory_format=torch.contiguous_format)
 
 
 class _Dropout(torch.autograd.Function):
@@ -193,12 +186,12 @@ class _Dropout(torch.autograd.Function):
         draw = _Draw.new(x, p)
         ctx.save_for_backward(draw.drops)
         ctx.p, ctx.seed = p, draw.seed
-        return draw.dropped(_fresh(x)).mul_(1 / (1 - p))
+        return draw.dropped(x).mul_(1 / (1 - p))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         draw = _Draw(ctx.p, ctx.seed, *ctx.saved_tensors)
-        return draw.dropped(_fresh(grad)).mul_(1 / (1 - ctx.p)), None
+        return draw.dropped(grad).mul_(1 / (1 - ctx.p)), None
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -219,14 +212,14 @@ class _DroppedDown(torch.autograd.Function):
         scaled = A * (1 / (1 - p))  # the inverted-dropout scale on the r×d_in factor, not on x
         ctx.save_for_backward(x, scaled, draw.drops)
         ctx.p, ctx.seed = p, draw.seed
-        return F.linear(draw.dropped(_fresh(x)), scaled)
+        return F.linear(draw.dropped(x), scaled)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, scaled, drops = ctx.saved_tensors
         draw = _Draw(ctx.p, ctx.seed, drops)
-        grad_x = draw.dropped(grad @ scaled) if ctx.needs_input_grad[0] else None
-        grad_A = (grad * (1 / (1 - ctx.p))).t() @ draw.dropped(_fresh(x)) if ctx.needs_input_grad[1] else None
+        grad_x = draw.dropped(grad @ scaled, fresh=True) if ctx.needs_input_grad[0] else None
+        grad_A = (grad * (1 / (1 - ctx.p))).t() @ draw.dropped(x) if ctx.needs_input_grad[1] else None
         return grad_x, grad_A, None
 
 

@@ -232,17 +232,22 @@ def test_dropout_is_inverted_dropout_at_rate_p(p, dtype):
 def test_dropout_drops_each_element_independently(p):
     """The drop rate holds in every part of the mask, and runs of kept elements between
     drops are geometric, as independent drops make them (mean 1/p - 1, variance (1-p)/p²)."""
-    from lorakit.fastpath import _keep_mask
+    from lorakit.fastpath import _FEW_DROPS, _drops, _keep_mask
+
+    def keep_mask(n: int, seed: int) -> torch.Tensor:  # up to _FEW_DROPS dropout keeps the drops' positions
+        if p > _FEW_DROPS:
+            return _keep_mask(torch.empty(n), p, seed)
+        return torch.ones(n).index_fill_(0, _drops(n, p, seed), 0)
 
     n = 2_000_000
-    keep = _keep_mask(torch.empty(n), p, seed=7)
+    keep = keep_mask(n, seed=7)
     for part in keep.chunk(4):  # the end of the mask as well as its start
         assert abs(1 - part.mean().item() - p) < 6 * (p * (1 - p) / len(part)) ** 0.5
     drops = torch.nonzero(keep == 0).squeeze(1)
     runs = (drops[1:] - drops[:-1] - 1).double()
     assert abs(runs.mean().item() - (1 / p - 1)) < 6 * runs.std().item() / len(runs) ** 0.5
     assert abs(runs.var().item() / ((1 - p) / p**2) - 1) < 0.25
-    assert torch.equal(keep, _keep_mask(torch.empty(n), p, seed=7))  # the seed fixes the mask
+    assert torch.equal(keep, keep_mask(n, seed=7))  # the seed fixes the mask
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])  # the drops kept for backward; the seed redrawn
