@@ -106,18 +106,24 @@ _FEW_DROPS = 0.15  # up to this rate, drawing where the drops fall is cheaper th
 
 
 def _drops(n: int, p: float, seed: int) -> torch.Tensor:
-    """The flat indices of the dropped elements among ``n``, each dropped independently
-    with probability ``p``: the gaps between drops are geometric, so one draw per dropped
-    element (``p`` honoured to a double's precision). The same for the same ``seed``."""
+    """The flat indices of the dropped elements among ``n`` (int64), each dropped
+    independently with probability ``p``: the gaps between drops are geometric, so one draw
+    per dropped element (``p`` honoured to a double's precision). The same for the same ``seed``."""
     rng = np.random.Generator(np.random.SFC64(seed))
-    parts, last = [], -1  # last: where the previous drop fell
+    rate = -np.log1p(-p)
+    parts, last = [], -1.0  # last: where the previous drop fell
     while True:
-        drops = np.cumsum(rng.geometric(p, size=int(n * p * 1.05) + 64)) + last
+        # Geometric gaps by inversion, ceil(E / -log(1 - p)) for exponential E: the draws
+        # numpy's own geometric makes one call at a time, here in whole arrays (a third faster).
+        # Positions stay float64 until the end: exact integers below 2**53.
+        gaps = rng.standard_exponential(size=int(n * p * 1.05) + 64)
+        drops = np.cumsum(np.ceil(np.divide(gaps, rate, out=gaps), out=gaps), out=gaps)
+        drops += last
         inside = int(np.searchsorted(drops, n))
         parts.append(drops[:inside])
         if inside < len(drops):
-            return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        last = int(drops[-1])
+            return torch.from_numpy((parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64))
+        last = float(drops[-1])
 
 
 def _keep_mask(like: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
@@ -153,14 +159,18 @@ class _Draw:
 
     def __init__(self, p: float, seed: int | None, drops: torch.Tensor | None) -> None:
         self.p, self.seed, self.drops = p, seed, drops
+        # The positions as int64, which index_fill_ needs: made once, kept while this draw lives.
+        self._index = drops if drops is not None and drops.dtype == torch.int64 else None
 
     @classmethod
     def new(cls, like: torch.Tensor, p: float) -> _Draw:
-        seed, drops, n = _new_seed(like), None, like.numel()
-        if p <= _FEW_DROPS:
-            dtype = torch.int32 if n <= _INT32_INDICES else torch.int64
-            drops = torch.empty(round(n * p), dtype=dtype) if seed is None else _drops(n, p, seed).to(dtype)
-        return cls(p, seed, drops)
+        seed, n = _new_seed(like), like.numel()
+        if p > _FEW_DROPS:
+            return cls(p, seed, None)
+        index = torch.empty(round(n * p), dtype=torch.int64) if seed is None else _drops(n, p, seed)
+        draw = cls(p, seed, index.int() if n <= _INT32_INDICES else index)
+        draw._index = index
+        return draw
 
     def dropped(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """``t`` with the dropped elements zeroed; in place when ``fresh`` says ``t`` is the
@@ -170,7 +180,9 @@ class _Draw:
             return t.mul_(keep) if fresh else t * keep
         if not (fresh and t.is_contiguous()):
             t = t.clone(memory_format=torch.contiguous_format)
-        return t.view(-1).index_fill_(0, self.drops.long(), 0).view(t.shape)
+        if self._index is None:
+            self._index = self.drops.long()
+        return t.view(-1).index_fill_(0, self._index, 0).view(t.shape)
 
 
 def _on_cpu_eagerly(x: torch.Tensor, p: float) -> bool:
