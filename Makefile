@@ -31,7 +31,7 @@ demo: install
 	$(VENV)/bin/lorakit export runs/quickstart/adapter --to gguf --force
 	$(PY) scripts/llama_cpp_check.py runs/quickstart/adapter runs/quickstart/export-gguf/adapter.gguf
 
-# lorakit against PEFT (layer level, memory, end to end, DoRA), compiled against eager, and TRL (DPO) side by side; writes bench*.json.
+# lorakit against PEFT (layer level, memory, end to end, DoRA), compiled against eager, the quickstart step against the frozen model's, and TRL (DPO) side by side; writes bench*.json.
 bench: install
 	$(PY) scripts/bench.py --output scripts/results/bench.json
 	$(PY) scripts/dpo_bench.py --output scripts/results/bench-dpo.json

@@ -3,6 +3,7 @@
     python scripts/bench.py              # everything (make bench); writes bench.json
     python scripts/bench.py --quick      # fewer repetitions, tiny model only
     python scripts/bench.py --dora-only --output scripts/results/bench-dora.json   # DoRA against PEFT's DoRA
+    python scripts/bench.py --floor-only   # the quickstart step against the frozen model's own step
     python scripts/dpo_bench.py          # DPO against TRL's DPOTrainer (make bench runs it too)
 
 Timings alternate the order of the two libraries every repetition after a warm-up and
@@ -109,14 +110,19 @@ def make_step(model, batch, lib: str):
     return step
 
 
-def make_floor(model, batch):
-    """A step of the frozen model with no adapter, gradients reaching block 0's q
-    projection as they must for an adapter there: the part of every LoRA step that no
-    adapter implementation can make faster."""
+def frozen_to_block0(model) -> None:
+    """The model with no trainable weight but a scale on block 0's q projection, so that
+    gradients reach it as they must for an adapter there."""
     model.requires_grad_(False)
     q_proj = model.model.layers[0].self_attn.q_proj
     q_proj.register_parameter("floor_scale", torch.nn.Parameter(torch.ones((), device=device())))
     q_proj.register_forward_hook(lambda module, args, out: out * module.floor_scale)
+
+
+def make_floor(model, batch):
+    """A step of the frozen model with no adapter (``frozen_to_block0``): the part of every
+    LoRA step that no adapter implementation can make faster."""
+    frozen_to_block0(model)
     return make_step(model, batch, "lorakit")
 
 
@@ -425,6 +431,70 @@ def end_to_end(steps: int, seeds: int) -> list[dict]:
     return [speed, dtype, memory]
 
 
+FLOOR_ROUNDS = 4
+
+
+def quickstart_floor(batches: int, rounds: int) -> list[dict]:
+    """lorakit's training step on the quickstart's first ``batches`` batches against the
+    frozen model's own step on the same batches (``make_floor``: no adapter, lorakit's loss,
+    the same dtype): once as transformers runs the model, the floor the speed issue names,
+    and once with lorakit's attention backward too, a floor lorakit's own speed-ups also
+    lower. Wall time, rounds interleaved after a warm-up round that also builds every
+    batch shape's matmul kernels."""
+    from lorakit.activation_memory import keep_less
+    from lorakit.attention import use_fast_backward
+    from lorakit.batching import BatchOrder
+    from lorakit.config import load_config
+    from lorakit.data import build_examples
+    from lorakit.inject import add_lora
+    from lorakit.loss import CausalLMLoss
+    from lorakit.model import DTYPE_NAMES, load_model, load_tokenizer, resolve_dtype
+    from lorakit.train import SUPERVISED
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    tokenizer = load_tokenizer(cfg.model)
+    examples = build_examples(cfg.data, tokenizer, "train")
+    order = BatchOrder([SUPERVISED.length(e) for e in examples], cfg.training.batch_size, 1, cfg.training.seed,
+                       cfg.data.group_by_length)
+    data = [SUPERVISED.collate([examples[i] for i in order.indices(m, 0)], tokenizer.pad_token_id)
+            for m in range(batches)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in data)
+    dtype = resolve_dtype(cfg.model)
+
+    def runner(adapters: bool, lorakit_attention: bool):
+        torch.manual_seed(0)
+        model = load_model(cfg.model.model_copy(update={"dtype": DTYPE_NAMES[dtype]}), device())
+        keep_less(model)
+        if adapters:
+            add_lora(model, cfg.lora)
+        else:
+            frozen_to_block0(model)
+        if lorakit_attention and device() == "cpu" and dtype != torch.float32:  # as lorakit train does
+            use_fast_backward(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.lr)
+        loss = CausalLMLoss(model, share_prefixes=True).train()
+
+        def run():
+            for batch in data:
+                labelled = max(1, int((batch["labels"][:, 1:] != -100).sum()))
+                loss(**{k: v.to(device()) for k, v in batch.items()}, normalizer=labelled).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    lorakit, floor_hf, floor_lk = runner(True, True), runner(False, False), runner(False, True)
+    t_lk, t_hf, t_fl = interleaved([lorakit, floor_hf, floor_lk], rounds, 1)
+    rows = []
+    for what, t_floor in (("the frozen model as transformers runs it", t_hf),
+                          ("the frozen model with lorakit's attention backward", t_fl)):
+        ratios = [f / x for x, f in zip(t_lk, t_floor)]
+        rows.append({"model": "SmolLM2", "what": f"quickstart step ({dtype}, {batches} batches) / {what}: tokens/s",
+                     "a_s": tokens / statistics.median(t_lk), "b_s": tokens / statistics.median(t_floor),
+                     "ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)]})
+    return rows
+
+
 def dora_end_to_end(steps: int) -> list[dict]:
     """The quickstart with DoRA (``lora.use_dora``), lorakit against PEFT's DoRA + Trainer,
     one run each in a fresh process: tokens/s and peak memory."""
@@ -458,7 +528,7 @@ def show(rows: list[dict]) -> None:
 
     table = Table(title=f"lorakit / PEFT on {device()} ({platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} threads)")
-    for column in ("model", "what", "lorakit", "PEFT", "ratio", "spread", "notes"):
+    for column in ("model", "what", "lorakit", "against (PEFT unless named)", "ratio", "spread", "notes"):
         table.add_column(column)
     for r in rows:
         notes = []
@@ -496,6 +566,9 @@ def main() -> None:
     parser.add_argument("--dora-only", action="store_true", help="only the DoRA end-to-end rows")
     parser.add_argument("--compile-steps", type=int, default=10, help="steps of the compiled/eager rows (0: skip)")
     parser.add_argument("--compile-only", action="store_true", help="only the compiled/eager rows")
+    parser.add_argument("--floor-batches", type=int, default=8,
+                        help="quickstart batches of the step against the frozen model's (0: skip)")
+    parser.add_argument("--floor-only", action="store_true", help="only the quickstart step against the frozen model's")
     parser.add_argument("--output", default="scripts/results/bench.json")
     args = parser.parse_args()
     if args.memory_child:
@@ -507,9 +580,10 @@ def main() -> None:
         lib, seed, steps = args.e2e_child
         return e2e_child(lib, int(seed), int(steps))
     reps, iters = (3, 1) if args.quick else (5, 2)
-    if args.e2e_only or args.dora_only or args.compile_only:
+    if args.e2e_only or args.dora_only or args.compile_only or args.floor_only:
         rows = (dora_end_to_end(args.dora_steps) if args.dora_only else
                 compile_end_to_end(args.compile_steps) if args.compile_only else
+                quickstart_floor(args.floor_batches, FLOOR_ROUNDS) if args.floor_only else
                 end_to_end(args.e2e_steps, args.e2e_seeds))
         show(rows)
         Path(args.output).write_text(json.dumps({"device": device(), "machine": platform.platform(),
@@ -520,6 +594,8 @@ def main() -> None:
         rows += layer_level("smollm2", reps, 1, quick=True) + peak_memory("smollm2", quick=True)
         if args.e2e_steps:
             rows += end_to_end(args.e2e_steps, args.e2e_seeds)
+        if args.floor_batches:
+            rows += quickstart_floor(args.floor_batches, FLOOR_ROUNDS)
         if args.dora_steps:
             rows += dora_end_to_end(args.dora_steps)
         if args.compile_steps:

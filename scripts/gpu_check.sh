@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for one CUDA GPU, in under 8 minutes: bf16 LoRA training, QLoRA on
-# bitsandbytes' CUDA kernels, merge, eval, and the benchmark's end-to-end and compiled rows; then one
+# bitsandbytes' CUDA kernels, merge, eval, and the benchmark's end-to-end, compiled and floor rows; then one
 # summary. Needs a CUDA build of torch already installed. It installs what else it needs,
 # unless it is there already (on a machine without network, from scripts/gpu_bundle.sh).
 #     scripts/gpu_check.sh [OUTPUT_DIR]        (make gpu-check)
@@ -44,6 +44,7 @@ step eval 90 $LK eval "$OUT_DIR/lora/adapter" --metric rouge --limit 60 --max-ne
     --output "$OUT_DIR/eval"
 step bench 180 $PY scripts/bench.py --e2e-only --e2e-seeds 1 --output "$OUT_DIR/bench.json"
 step bench-compile 150 $PY scripts/bench.py --compile-only --output "$OUT_DIR/bench-compile.json"
+step bench-floor 60 $PY scripts/bench.py --floor-only --output "$OUT_DIR/bench-floor.json"
 $PY - "$OUT_DIR" <<'PY'
 import json, sys, torch
 from pathlib import Path
@@ -63,7 +64,7 @@ scores = out / "eval" / "metrics.json"
 if scores.is_file():
     scores = json.loads(scores.read_text())
     print(f"  eval: ROUGE-1 {scores['base']['rouge1']:.4f} -> {scores['model']['rouge1']:.4f}")
-for name in ("bench.json", "bench-compile.json"):
+for name in ("bench.json", "bench-compile.json", "bench-floor.json"):
     if (out / name).is_file():
         for row in json.loads((out / name).read_text())["rows"]:
             print(f"  bench: {row['what']}: {row['a_s']:.4g} vs {row['b_s']:.4g} = {row['ratio']:.2f}")
