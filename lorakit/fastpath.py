@@ -214,24 +214,26 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class _DroppedDown(torch.autograd.Function):
-    """``dropout(x)·Aᵀ`` that keeps ``x`` and the draw for backward, not the dropped input
-    and a mask: at p = 0.05, a fifth of a byte per input element held through the step,
-    where a mask would hold a byte (a quarter of a gigabyte on the quickstart)."""
+    """``dropout(x)·Aᵀ`` that keeps the dropped input and the draw for backward, not a
+    mask: at p = 0.05 the draw is a fifth of a byte per input element held through the
+    step, where a mask would hold a byte (a quarter of a gigabyte on the quickstart). The
+    dropped input takes the place of ``x``, which no other backward keeps."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
         draw = _Draw.new(x, p)
         scaled = A * (1 / (1 - p))  # the inverted-dropout scale on the r×d_in factor, not on x
-        ctx.save_for_backward(x, scaled, draw.drops)
+        kept = draw.dropped(x)
+        ctx.save_for_backward(kept, scaled, draw.drops)
         ctx.p, ctx.seed = p, draw.seed
-        return F.linear(draw.dropped(x), scaled)
+        return F.linear(kept, scaled)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, scaled, drops = ctx.saved_tensors
+        kept, scaled, drops = ctx.saved_tensors
         draw = _Draw(ctx.p, ctx.seed, drops)
         grad_x = draw.dropped(grad @ scaled, fresh=True) if ctx.needs_input_grad[0] else None
-        grad_A = (grad * (1 / (1 - ctx.p))).t() @ draw.dropped(x) if ctx.needs_input_grad[1] else None
+        grad_A = (grad * (1 / (1 - ctx.p))).t() @ kept if ctx.needs_input_grad[1] else None
         return grad_x, grad_A, None
 
 
