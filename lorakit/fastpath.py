@@ -273,7 +273,10 @@ def add_update(result: torch.Tensor, a: torch.Tensor, B: torch.Tensor, scale: fl
         # ``result`` is a fresh tensor from a bare base that no backward reads: accumulating
         # into it allocates no second d_out-wide tensor (on the CPU, fresh memory costs page
         # faults that outweigh the small matmul itself).
-        return result.addmm_(a, B.t(), alpha=scale)
+        # Bᵀ as its own contiguous (r, d_out) copy: autograd then computes B's gradient as
+        # aᵀ·grad, a row-major product, where a transposed view of B gets (gradᵀ·a)ᵀ,
+        # a quarter slower at the quickstart's shapes.
+        return result.addmm_(a, B.t().contiguous(), alpha=scale)
     delta = F.linear(a, B)
     return torch.add(result, delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scale)
 
