@@ -7,7 +7,7 @@
   matmul against their stacked A factors while training.
 - ``dropout`` and ``dropped_down``: the adapter's input dropout with a cheaper random mask
   on the CPU; backward gets the dropped positions (or, at high rates, the mask's seed), not
-  a mask or a dropped copy of the input.
+  a mask.
 - bitsandbytes 4-bit weights: detection, dequantization, and undoing the CPU repacking.
 """
 
@@ -157,10 +157,13 @@ class _Draw:
     element at p = 0.05, so backward neither draws again nor builds a mask; the draws are
     most of dropout's cost), else the seed the mask is redrawn from."""
 
-    def __init__(self, p: float, seed: int | None, drops: torch.Tensor | None) -> None:
+    def __init__(self, p: float, seed: int | None, drops: torch.Tensor | None,
+                 index: torch.Tensor | None = None) -> None:
         self.p, self.seed, self.drops = p, seed, drops
-        # The positions as int64, which index_fill_ needs: made once, kept while this draw lives.
-        self._index = drops if drops is not None and drops.dtype == torch.int64 else None
+        # The positions as int64, as index_fill_ needs them: made once per draw.
+        if index is None and drops is not None and drops.dtype == torch.int64:
+            index = drops
+        self._index = index
 
     @classmethod
     def new(cls, like: torch.Tensor, p: float) -> _Draw:
@@ -168,9 +171,7 @@ class _Draw:
         if p > _FEW_DROPS:
             return cls(p, seed, None)
         index = torch.empty(round(n * p), dtype=torch.int64) if seed is None else _drops(n, p, seed)
-        draw = cls(p, seed, index.int() if n <= _INT32_INDICES else index)
-        draw._index = index
-        return draw
+        return cls(p, seed, index.int() if n <= _INT32_INDICES else index, index)
 
     def dropped(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """``t`` with the dropped elements zeroed; in place when ``fresh`` says ``t`` is the
@@ -217,7 +218,8 @@ class _DroppedDown(torch.autograd.Function):
     """``dropout(x)·Aᵀ`` that keeps the dropped input and the draw for backward, not a
     mask: at p = 0.05 the draw is a fifth of a byte per input element held through the
     step, where a mask would hold a byte (a quarter of a gigabyte on the quickstart). The
-    dropped input takes the place of ``x``, which no other backward keeps."""
+    dropped input takes the place of ``x``, which other backwards seldom keep (80 MB more at
+    the quickstart's peak, for a backward that neither copies nor zeroes ``x`` again)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
