@@ -275,9 +275,10 @@ def test_dropped_down_is_dropout_then_down_projection(dtype, p):
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_dropout_keeps_no_mask_for_backward(p):
-    """Neither dropout nor the adapter's down-projection keeps a mask or a dropped copy of x
-    for backward: up to a rate of 0.15 they keep the dropped positions (int32, about p·n of
-    them), above it only the seed the mask is redrawn from."""
+    """Neither dropout nor the adapter's down-projection keeps a mask for backward: up to a
+    rate of 0.15 they keep the dropped positions (int32, about p·n of them), above it only
+    the seed the mask is redrawn from. The down-projection keeps its dropped input in place
+    of x: one x-sized tensor either way."""
     from lorakit.fastpath import dropout, dropped_down
 
     x = torch.randn(256, 64, requires_grad=True)
@@ -294,6 +295,8 @@ def test_dropout_keeps_no_mask_for_backward(p):
 
     of_dropout, of_down = saved_by(lambda: dropout(x, p)), saved_by(lambda: dropped_down(x, A, p))
     assert sum(t.numel() for t in of_down if t.is_floating_point()) == x.numel() + A.numel()
+    kept = next(t for t in of_down if t.shape == x.shape)
+    assert not torch.equal(kept, x) and torch.equal(kept[kept != 0], x.detach()[kept != 0])
     expected_drops = 0 if p > 0.15 else 1
     assert len(of_dropout) == sum(map(is_drops, of_dropout)) == expected_drops
     assert len(of_down) - 2 == sum(map(is_drops, of_down)) == expected_drops
