@@ -37,11 +37,15 @@ class _Attention(torch.autograd.Function):
         length, keys = q.shape[-2], k.shape[-2]
         delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # rowsum(P ∘ dP), as flash attention does
         dq = torch.empty_like(q)
+        # The scale on q and k, not on score-sized tensors: two passes fewer over each block's
+        # float32 scores (dq = dS·k·scale, dk = dSᵀ·q·scale). Exact for a power-of-two scale
+        # (head size 64); otherwise q and k round once more, at bfloat16's precision.
+        q_scaled, k_scaled = q * ctx.scale, k * ctx.scale
         block = max(1, _BLOCK_BYTES // (4 * q.shape[0] * q.shape[1] * keys))
         dk = dv = None  # float32 sums over the blocks
         for start in range(0, length, block):
             rows = slice(start, min(start + block, length))
-            scores = torch.matmul(q[..., rows, :], k.transpose(-1, -2)).float().mul_(ctx.scale)
+            scores = torch.matmul(q_scaled[..., rows, :], k.transpose(-1, -2)).float()
             if ctx.causal:
                 above = torch.ones(rows.stop - start, keys, dtype=torch.bool, device=q.device).triu_(start + 1)
                 scores.masked_fill_(above, float("-inf"))
@@ -57,9 +61,9 @@ class _Attention(torch.autograd.Function):
             g = grad[..., rows, :]
             dv_part = torch.matmul(probs.to(q.dtype).transpose(-1, -2), g)
             dprobs = torch.matmul(g, v.transpose(-1, -2)).float()
-            dscores = probs.mul_(dprobs.sub_(delta[..., rows, :])).mul_(ctx.scale).to(q.dtype)
-            dq[..., rows, :] = torch.matmul(dscores, k)
-            dk_part = torch.matmul(dscores.transpose(-1, -2), q[..., rows, :])
+            dscores = probs.mul_(dprobs.sub_(delta[..., rows, :])).to(q.dtype)  # unscaled
+            dq[..., rows, :] = torch.matmul(dscores, k_scaled)
+            dk_part = torch.matmul(dscores.transpose(-1, -2), q_scaled[..., rows, :])
             if block >= length:  # one block: its matmuls' results are the sums, with no float32 round trip
                 return dq, dk_part, dv_part, None, None, None
             dk = dk_part.float() if dk is None else dk.add_(dk_part)
