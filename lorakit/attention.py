@@ -41,7 +41,7 @@ class _Attention(torch.autograd.Function):
         # float32 scores (dq = dS·k·scale, dk = dSᵀ·q·scale). Exact for a power-of-two scale
         # (head size 64); otherwise q and k round once more, at bfloat16's precision.
         q_scaled, k_scaled = q * ctx.scale, k * ctx.scale
-        if mask is not None and mask.dtype == torch.bool and not ctx.causal:
+        if mask is not None and mask.dtype == torch.bool:  # (a causal call has no mask)
             # As a float bias, added: masked_fill_ through a mask broadcast over the heads is
             # 3× slower than an add, and this bias is a head's size, made once for all blocks.
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))

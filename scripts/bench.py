@@ -456,7 +456,8 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
     examples = build_examples(cfg.data, tokenizer, "train")
     order = BatchOrder([SUPERVISED.length(e) for e in examples], cfg.training.batch_size, 1, cfg.training.seed,
                        cfg.data.group_by_length)
-    data = [SUPERVISED.collate([examples[i] for i in order.indices(m, 0)], tokenizer.pad_token_id)
+    data = [{k: v.to(device()) for k, v in SUPERVISED.collate([examples[i] for i in order.indices(m, 0)],
+                                                                 tokenizer.pad_token_id).items()}
             for m in range(batches)]
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     dtype = resolve_dtype(cfg.model)
@@ -477,7 +478,7 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
         def run():
             for batch in data:
                 labelled = max(1, int((batch["labels"][:, 1:] != -100).sum()))
-                loss(**{k: v.to(device()) for k, v in batch.items()}, normalizer=labelled).backward()
+                loss(**batch, normalizer=labelled).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
