@@ -3,7 +3,9 @@
 - transformers' RMSNorm computes in float32 (``x.to(float32)``), and autograd keeps that
   float32 copy of the input: at the quickstart's shapes (8 × 300 tokens, bfloat16), 0.33 GB
   of the 1.94 GB a step keeps. ``rms_norm`` keeps the input in its own dtype and each row's
-  1/rms, and forms the gradient from them in float32.
+  1/rms, and forms the gradient from them in float32, in four passes over the rows where
+  autograd's graph of the same formula takes ten (forward and backward 2.0 against 2.9 ms
+  at 8 × 195 tokens of SmolLM2: about 3% of a quickstart step, 61 norms).
 - A gated MLP's ``act(gate) * up`` keeps ``gate``, ``act(gate)`` and ``up``; ``silu_mul``
   keeps ``gate`` and ``up`` and recomputes the SiLU in backward (its gradients are the same
   operations on the same values: equal to the bit). 0.22 GB at the same shapes.
@@ -31,18 +33,23 @@ class _RMSNorm(torch.autograd.Function):
         wide = x.to(torch.float32)
         inverse_rms = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, inverse_rms)
-        return weight * (wide * inverse_rms).to(x.dtype)
+        # Written in x's dtype as it is computed: the same rounding as ``.to(x.dtype)``, one pass fewer.
+        out = torch.mul(wide, inverse_rms, out=torch.empty_like(x))
+        return out.mul_(weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, inverse_rms = ctx.saved_tensors
-        normed = x.to(torch.float32) * inverse_rms
+        wide = x.to(torch.float32)
         dx = dweight = None
         if ctx.needs_input_grad[0]:
-            g = (grad * weight).to(torch.float32)  # as autograd forms it through the cast
-            dx = (inverse_rms * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+            # dx = r·g - r³·mean(g·x)·x for g = grad·weight (in x's dtype, as autograd forms it
+            # through the cast): four passes over float32 rows where the textbook form takes eight.
+            g = torch.mul(grad, weight, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+            coefficient = torch.linalg.vecdot(g, wide).unsqueeze_(-1).mul_(inverse_rms.pow(3)).div_(-x.shape[-1])
+            dx = torch.addcmul(g.mul_(inverse_rms), wide, coefficient, out=torch.empty_like(x))
         if ctx.needs_input_grad[1]:
-            dweight = (grad * normed.to(x.dtype)).sum_to_size(weight.shape)
+            dweight = (grad * (wide * inverse_rms).to(x.dtype)).sum_to_size(weight.shape)
         return dx, dweight, None
 
 
