@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from lorakit.adapter_io import load_adapter, read_adapter
 from lorakit.config import SAVED_CONFIG, read_saved_config
 from lorakit.errors import InputError, MergeError
 from lorakit.files import atomic_directory, check_output_dir
 from lorakit.inject import lora_modules, unload_lora, untie_adapted
-from lorakit.model import DTYPES, adapter_base_config, load_model, load_tokenizer
+from lorakit.model import DTYPES, adapter_base_config, from_pretrained, load_model, load_tokenizer
 
 logger = logging.getLogger("lorakit")
 
@@ -180,7 +179,7 @@ def merge_adapters(
         if (adapters[0] / SAVED_CONFIG).is_file():
             shutil.copy(adapters[0] / SAVED_CONFIG, tmp / SAVED_CONFIG)  # eval and generate reuse its data format
         del model
-        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+        merged = from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
         diff = float((_probe_logits(merged, tokenizer) - reference).abs().max())
         tolerance = TOLERANCE[dtype] * max(1.0, float(reference.abs().max()))
         if not diff <= tolerance:

@@ -49,6 +49,18 @@ def default_gguf() -> Path:
     return files[0]
 
 
+def from_pretrained(path: str | Path, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with transformers' hub kernels off.
+
+    Where the ``kernels`` package is installed (transformers >= 5 brings it), transformers
+    swaps layers it knows (RMSNorm, rotary embeddings, activations) for kernels fetched from
+    the Hugging Face Hub, on GPUs, and redoes the swap at every ``train()`` and ``eval()``,
+    on every device: code downloaded at run time, numbers other than the model's own code
+    gives, and lorakit's own replacements (``keep_less``) silently undone.
+    """
+    return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+
+
 def convert_gguf(path: Path, name_or_path: str | None = None) -> Path:
     """Dequantize a GGUF file once into a cached transformers checkpoint and return it.
 
@@ -60,7 +72,7 @@ def convert_gguf(path: Path, name_or_path: str | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     logger.warning("Converting %s to a transformers checkpoint (once; cached in %s)...", path.name, target)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # The weights are dense now; without this, save_pretrained refuses a "gguf-quantized" model.
     del model.config.quantization_config
@@ -224,7 +236,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrain
     quant = quantization_config(cfg)
     dtype = resolve_dtype(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = from_pretrained(
             path,
             dtype=dtype,
             quantization_config=quant,

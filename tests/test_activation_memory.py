@@ -115,3 +115,20 @@ def test_bfloat16_training_switches_norms_and_mlps(tmp_path, tiny_model_dir, mon
     assert counts == [{"rms_norm": 5, "silu_mul": 2}]
     losses = [[r["loss"] for r in result.history if "loss" in r] for result in (ours, theirs)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=2e-2)
+
+
+def test_switched_norms_survive_train_and_eval(tiny_model_dir):
+    """With the ``kernels`` package installed, transformers re-swaps its layers at every
+    train() and eval(), which would quietly drop lorakit's norms: lorakit loads with
+    transformers' hub kernels off."""
+    from lorakit.config import ModelConfig
+    from lorakit.model import load_model
+
+    model = load_model(ModelConfig(name_or_path=tiny_model_dir, dtype="bfloat16"))
+    assert keep_less(model)["rms_norm"] == 5
+    model.train()
+    model.eval()
+    model.train()
+    norms = _norms(model)
+    x = torch.randn(2, 3, norms[0].weight.numel(), dtype=torch.bfloat16, requires_grad=True)
+    assert [type(norm(x).grad_fn).__name__ for norm in norms] == ["_RMSNormBackward"] * 5
