@@ -438,8 +438,8 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
     """lorakit's training step on the quickstart's first ``batches`` batches against the
     frozen model's own step on the same batches (``make_floor``: no adapter, lorakit's loss,
     the same dtype): once as transformers runs the model, the floor the speed issue names,
-    and once with lorakit's attention backward too, a floor lorakit's own speed-ups also
-    lower. Wall time, rounds interleaved after a warm-up round that also builds every
+    and once with lorakit's own layers too (attention backward, RMSNorm, gated MLP), a floor
+    lorakit's own speed-ups also lower. Wall time, rounds interleaved after a warm-up round that also builds every
     batch shape's matmul kernels."""
     from lorakit.activation_memory import keep_less
     from lorakit.attention import use_fast_backward
@@ -462,15 +462,16 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     dtype = resolve_dtype(cfg.model)
 
-    def runner(adapters: bool, lorakit_attention: bool):
+    def runner(adapters: bool, lorakit_layers: bool):
         torch.manual_seed(0)
         model = load_model(cfg.model.model_copy(update={"dtype": DTYPE_NAMES[dtype]}), device())
-        keep_less(model)
+        if lorakit_layers:
+            keep_less(model)
         if adapters:
             add_lora(model, cfg.lora)
         else:
             frozen_to_block0(model)
-        if lorakit_attention and device() == "cpu" and dtype != torch.float32:  # as lorakit train does
+        if lorakit_layers and device() == "cpu" and dtype != torch.float32:  # as lorakit train does
             use_fast_backward(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.lr)
         loss = CausalLMLoss(model, share_prefixes=True).train()
@@ -488,7 +489,7 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
     t_lk, t_hf, t_fl = interleaved([lorakit, floor_hf, floor_lk], rounds, 1)
     rows = []
     for what, t_floor in (("the frozen model as transformers runs it", t_hf),
-                          ("the frozen model with lorakit's attention backward", t_fl)):
+                          ("the frozen model with lorakit's own layers", t_fl)):
         ratios = [f / x for x, f in zip(t_lk, t_floor)]
         rows.append({"model": "SmolLM2", "what": f"quickstart step ({dtype}, {batches} batches) / {what}: tokens/s",
                      "a_s": tokens / statistics.median(t_lk), "b_s": tokens / statistics.median(t_floor),
