@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from lorakit.activation_memory import keep_less
+from lorakit.attention import use_fast_backward
 from lorakit.config import Config
 from lorakit.inject import add_lora
 from lorakit.loss import CausalLMLoss, head_loss
@@ -176,6 +177,8 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
             keep_less(model)
         if cfg.method == "lora":
             add_lora(model, cfg.lora)
+        if not torch.cuda.is_available() and model.dtype != torch.float32:  # as training does on the CPU
+            use_fast_backward(model)
         model.train()
         for param in model.parameters():
             if param.requires_grad:  # gradients are counted apart: keep only their transient
