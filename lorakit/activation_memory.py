@@ -4,8 +4,8 @@
   float32 copy of the input: at the quickstart's shapes (8 × 300 tokens, bfloat16), 0.33 GB
   of the 1.94 GB a step keeps. ``rms_norm`` keeps the input in its own dtype and each row's
   1/rms, and forms the gradient from them in float32, in four passes over the rows where
-  autograd's graph of the same formula takes ten (forward and backward 2.0 against 2.9 ms
-  at 8 × 195 tokens of SmolLM2: about 3% of a quickstart step, 61 norms).
+  the textbook form takes eight (forward and backward 2.0 against 2.9 ms at 8 × 195 tokens
+  of SmolLM2: about 3% of a quickstart step, 61 norms).
 - A gated MLP's ``act(gate) * up`` keeps ``gate``, ``act(gate)`` and ``up``; ``silu_mul``
   keeps ``gate`` and ``up`` and recomputes the SiLU in backward (its gradients are the same
   operations on the same values: equal to the bit). 0.22 GB at the same shapes.
