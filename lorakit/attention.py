@@ -121,17 +121,18 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_fast_backward(model: nn.Module) -> None:
-    """Switch a model on transformers' SDPA attention to ``attention`` (same forward).
-
-    Models on another implementation (eager, flash attention, their own code) are left
-    as they are.
+def use_fast_backward(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Switch a model on transformers' SDPA attention to ``attention`` (same forward) where
+    training takes it: on the CPU (``device``, where training runs), in half precision
+    (``dtype``, the model's compute dtype). Elsewhere, and for models on another
+    implementation (eager, flash attention, their own code), nothing changes.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if (torch.device(device).type != "cpu" or dtype not in _HALF
+            or getattr(config, "_attn_implementation", None) != "sdpa"):
         return
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -160,10 +160,7 @@ class _Draw:
     def __init__(self, p: float, seed: int | None, drops: torch.Tensor | None,
                  index: torch.Tensor | None = None) -> None:
         self.p, self.seed, self.drops = p, seed, drops
-        # The positions as int64, as index_fill_ needs them: made once per draw.
-        if index is None and drops is not None and drops.dtype == torch.int64:
-            index = drops
-        self._index = index
+        self._index = index  # the positions as int64, as index_fill_ needs them: made once per draw
 
     @classmethod
     def new(cls, like: torch.Tensor, p: float) -> _Draw:

@@ -177,8 +177,7 @@ def estimate_memory(cfg: Config, batch_size: int, length: int, trained_rows: int
             keep_less(model)
         if cfg.method == "lora":
             add_lora(model, cfg.lora)
-        if not torch.cuda.is_available() and model.dtype != torch.float32:  # as training does on the CPU
-            use_fast_backward(model)
+        use_fast_backward(model, "cuda" if torch.cuda.is_available() else "cpu", model.dtype)  # as training does
         model.train()
         for param in model.parameters():
             if param.requires_grad:  # gradients are counted apart: keep only their transient

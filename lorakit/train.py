@@ -259,8 +259,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         load_adapter(model, cfg.lora.init_from)
     else:
         add_lora(model, cfg.lora)
-    if accelerator.device.type == "cpu" and dtype != torch.float32:
-        use_fast_backward(model)
+    use_fast_backward(model, accelerator.device, dtype)
     if t.compile:
         compile_blocks(model)
     optimizer = _build_optimizer(model, t)

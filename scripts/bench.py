@@ -471,8 +471,8 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
             add_lora(model, cfg.lora)
         else:
             frozen_to_block0(model)
-        if lorakit_layers and device() == "cpu" and dtype != torch.float32:  # as lorakit train does
-            use_fast_backward(model)
+        if lorakit_layers:
+            use_fast_backward(model, device(), dtype)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.lr)
         loss = CausalLMLoss(model, share_prefixes=True).train()
 

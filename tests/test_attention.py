@@ -125,7 +125,7 @@ def test_a_model_trains_alike_with_it(arch):
     for switch in (False, True):
         model = build(arch).to(torch.bfloat16)
         if switch:
-            attn.use_fast_backward(model)
+            attn.use_fast_backward(model, "cpu", torch.bfloat16)
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
         out = model(inputs_embeds=embeds, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
@@ -138,7 +138,7 @@ def test_a_model_trains_alike_with_it(arch):
 def test_models_on_another_attention_are_left_alone():
     model = BUILDERS["llama"]()
     model.set_attn_implementation("eager")
-    attn.use_fast_backward(model)
+    attn.use_fast_backward(model, "cpu", torch.bfloat16)
     assert model.config._attn_implementation == "eager"
 
 
