@@ -439,8 +439,8 @@ def quickstart_floor(batches: int, rounds: int) -> list[dict]:
     frozen model's own step on the same batches (``make_floor``: no adapter, lorakit's loss,
     the same dtype): once as transformers runs the model, the floor the speed issue names,
     and once with lorakit's own layers too (attention backward, RMSNorm, gated MLP), a floor
-    lorakit's own speed-ups also lower. Wall time, rounds interleaved after a warm-up round that also builds every
-    batch shape's matmul kernels."""
+    lorakit's own speed-ups also lower. Wall time, rounds interleaved after a warm-up round
+    that also builds every batch shape's matmul kernels."""
     from lorakit.activation_memory import keep_less
     from lorakit.attention import use_fast_backward
     from lorakit.batching import BatchOrder
